@@ -1,0 +1,13 @@
+"""tidal: distributed training and offloading for PyTorch.
+
+ctx = tidal.init()              # rank, world, device and Topology from the launcher's environment
+ctx.topology.group("tp")        # process groups by name
+tidal.shutdown()
+"""
+
+from tidal.config import Config, ConfigError
+from tidal.parallel.topology import Topology, TopologyError
+from tidal.runtime.context import Context, init, shutdown
+
+__all__ = ["Config", "ConfigError", "Context", "Topology", "TopologyError", "init", "shutdown"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Starting jobs: the tidal command, the launchers, and rank discovery."""

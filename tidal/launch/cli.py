@@ -1,0 +1,109 @@
+"""The `tidal` command: `tidal launch` and `tidal doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tidal.config import Config, ConfigError
+from tidal.launch.local import LaunchError, LaunchOptions, launch
+
+PARALLEL_FLAGS = ("tp", "pp", "sp", "ep", "dp")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add a torchrun-style flag under both spellings (--nproc-per-node and --nproc_per_node)."""
+    dashed = f"--{name}"
+    under = dashed.replace("-", "_").replace("__", "--", 1)
+    parser.add_argument(*dict.fromkeys([dashed, under]), **kwargs)
+
+
+def _launch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="start a job's ranks (torchrun-style)",
+        description="Start SCRIPT (or -m MODULE) on every rank of the job; torchrun's flags work here.",
+    )
+    _flag(p, "nproc-per-node", type=int, default=1, help="ranks on this node (default 1)")
+    _flag(p, "nnodes", default="1", help="nodes, or MIN:MAX for an elastic job (default 1)")
+    _flag(p, "node-rank", type=int, default=0, help="this node's index with a static rendezvous (default 0)")
+    _flag(p, "master-addr", default="127.0.0.1", help="rank 0's node for a static rendezvous")
+    _flag(p, "master-port", type=int, default=None, help="its port (default: a free port on one node, else 29500)")
+    _flag(p, "rdzv-endpoint", default=None, help="HOST:PORT of a c10d rendezvous (multi-node, elastic)")
+    _flag(p, "rdzv-backend", default="c10d", help="rendezvous backend with --rdzv-endpoint (default c10d)")
+    _flag(p, "rdzv-id", default=None, help="job id shared by the nodes of one job")
+    _flag(p, "max-restarts", type=int, default=0, help="restart the whole group this many times on failure")
+    _flag(p, "monitor-interval", type=float, default=0.1, help="seconds between health checks of the workers")
+    _flag(p, "log-dir", default=None, help="directory for each rank's stdout/stderr files")
+    _flag(p, "tee", default="3", help="copy to the console: 0 none, 1 stdout, 2 stderr, 3 both (default 3)")
+    _flag(p, "redirects", default="0", help="send to log files only: 0 none, 1 stdout, 2 stderr, 3 both")
+    _flag(p, "launcher", default="elastic", choices=("elastic", "mpi"), help="start ranks with elastic or mpiexec")
+    _flag(p, "mpi-args", default="", help="extra mpiexec arguments, one string (with --launcher mpi)")
+    p.add_argument("--standalone", action="store_true", help="accepted for torchrun compatibility (the default)")
+    p.add_argument("-m", "--module", action="store_true", help="run TARGET as a module (python -m)")
+    p.add_argument("--config", default=None, help="tidal YAML or DeepSpeed JSON config passed to every rank")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. zero.stage=3")
+    for name in PARALLEL_FLAGS:
+        p.add_argument(f"--{name}", type=int, default=None, help=f"parallel.{name} (same as --set parallel.{name}=N)")
+    p.add_argument("target", metavar="SCRIPT|MODULE")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def _doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="what this machine offers tidal", description="One screen on this machine.")
+    p.add_argument("--dir", default=".", help="directory whose space and O_DIRECT bandwidth to measure")
+    p.add_argument("--size-mb", type=int, default=64, help="MiB written and read for the bandwidth test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="Distributed training and offloading for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _launch_parser(sub)
+    _doctor_parser(sub)
+    return parser
+
+
+def launch_options(ns: argparse.Namespace) -> LaunchOptions:
+    """Turn parsed `tidal launch` flags into LaunchOptions; the config is checked here, before any rank starts."""
+    overrides = [*ns.set, *(f"parallel.{n}={getattr(ns, n)}" for n in PARALLEL_FLAGS if getattr(ns, n) is not None)]
+    Config.load(ns.config, overrides=overrides)
+    return LaunchOptions(
+        target=ns.target,
+        args=tuple(ns.args),
+        module=ns.module,
+        nproc_per_node=ns.nproc_per_node,
+        nnodes=ns.nnodes,
+        node_rank=ns.node_rank,
+        master_addr=ns.master_addr,
+        master_port=ns.master_port,
+        rdzv_endpoint=ns.rdzv_endpoint,
+        rdzv_backend=ns.rdzv_backend,
+        rdzv_id=ns.rdzv_id,
+        max_restarts=ns.max_restarts,
+        monitor_interval=ns.monitor_interval,
+        log_dir=ns.log_dir,
+        tee=ns.tee,
+        redirects=ns.redirects,
+        config_file=ns.config,
+        overrides=tuple(overrides),
+        launcher=ns.launcher,
+        mpi_args=tuple(ns.mpi_args.split()),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "launch":
+            return launch(launch_options(ns))
+        from tidal.launch import doctor
+
+        return doctor.run(ns.dir, ns.size_mb << 20)
+    except (ConfigError, LaunchError) as err:
+        print(f"tidal {ns.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

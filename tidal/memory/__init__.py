@@ -1,0 +1,1 @@
+"""Memory: hardware probes (and, later, tracing, estimates and the planner)."""

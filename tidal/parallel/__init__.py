@@ -1,0 +1,1 @@
+"""Parallel layouts: the topology and the parallel plans applied on it."""
