@@ -8,6 +8,18 @@ tidal.shutdown()
 from tidal.config import Config, ConfigError
 from tidal.parallel.topology import Topology, TopologyError
 from tidal.runtime.context import Context, init, shutdown
+from tidal.runtime.engine import Engine, engine, wrap
 
-__all__ = ["Config", "ConfigError", "Context", "Topology", "TopologyError", "init", "shutdown"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Context",
+    "Engine",
+    "Topology",
+    "TopologyError",
+    "engine",
+    "init",
+    "shutdown",
+    "wrap",
+]
 __version__ = "0.1.0"

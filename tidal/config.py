@@ -81,6 +81,8 @@ class TrainConfig(_Section):
     """Samples per optimizer step over all ranks, checked against micro*accum*dp at init; default None."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     """Random seed for torch, numpy and random (0 .. 2**32-1); default 0."""
+    steps: _Positive | None = None
+    """Optimizer steps the job will run, count (drives the progress bar and ETA); default None."""
 
 
 class ZeroConfig(_Section):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import socket
 import sys
 import time
@@ -33,7 +35,9 @@ def _rank_main(fn: Callable, rank: int, world: int, args: tuple, env: Mapping[st
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # Pickled here by value: the queue's own pickler would share tensors through memory that
+        # disappears when this process exits.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         sys.exit(1)
@@ -79,8 +83,8 @@ def run_ranks(
         while len(results) < world and time.monotonic() < deadline:
             try:
                 rank, status, value = queue.get(timeout=0.5)
-                results[rank] = (status, value)
-            except Exception:
+                results[rank] = (status, pickle.loads(value) if status == "ok" else value)
+            except queue_module.Empty:
                 if all(p.exitcode is not None for r, p in enumerate(procs) if r not in results):
                     break
         # A rank with no result at all (stuck, or killed by its alarm) is the cause; errors of the

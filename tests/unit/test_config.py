@@ -34,6 +34,7 @@ NON_DEFAULT = {
         "gradient_clipping": 1.0,
         "global_batch_size": 64,
         "seed": 1234,
+        "steps": 500,
     },
     "zero": {"stage": 3, "prefetch_modules": 2, "reshard_after_forward": False},
     "precision": {

@@ -82,3 +82,18 @@ def select_device(local_rank: int, prefer: str = "auto") -> Device:
     if feats.cuda and prefer in ("auto", "cuda"):
         return Device("cuda", local_rank % feats.cuda_devices, "nccl" if feats.nccl else "gloo")
     return Device("cpu", None, "gloo")
+
+
+def memory_stats(device: Device) -> dict[str, int]:
+    """Memory the caching allocator holds for tensors on `device`.
+
+    Returns:
+        On CUDA: "allocated" (bytes in live tensors now) and "peak" (the most allocated since the
+        process started or torch's peak counter was last reset), in bytes. On the CPU: {} (ask psutil).
+    """
+    if device.type != "cuda":
+        return {}
+    return {
+        "allocated": torch.cuda.memory_allocated(device.torch_device),
+        "peak": torch.cuda.max_memory_allocated(device.torch_device),
+    }

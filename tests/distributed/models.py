@@ -1,0 +1,74 @@
+"""Small models and data shared by the distributed tests, built the same way on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+SEQ = 16
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer GPT-2 from a transformers config, random init, no dropout (ranks must agree exactly)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def batches(steps: int, global_batch: int, seed: int = 1) -> list[torch.Tensor]:
+    """`steps` global batches of token ids, shape (global_batch, SEQ)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (global_batch, SEQ), generator=gen) for _ in range(steps)]
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch."""
+    return batch.chunk(world)[rank]
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with two param groups (decay / no decay), as real training scripts build it."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3
+    )
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full plain tensor (gathering FSDP2's DTensor shards)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+    return out
+
+
+def reference_run(steps: int, global_batch: int, accumulation: int = 1, clip: float | None = None):
+    """Plain single-process PyTorch: losses per step and final parameters."""
+    model = tiny_gpt2()
+    opt = make_optimizer(model)
+    losses = []
+    for ids in batches(steps, global_batch):
+        step_loss = 0.0
+        for micro in ids.chunk(accumulation):
+            loss = model(input_ids=micro, labels=micro).loss / accumulation
+            loss.backward()
+            step_loss += loss.item()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(step_loss)
+    return losses, full_params(model)

@@ -1,0 +1,394 @@
+"""`tidal.wrap()`: put an existing model and optimizer under tidal without changing the training loop.
+
+    model, optimizer = tidal.wrap(model, optimizer, config)
+    for batch in loader:                     # the loop body stays as it was
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+The model and optimizer come back as the same objects, instrumented: the model's forward counts
+micro-steps (gradients are reduced only on the backward of every `gradient_accumulation_steps`-th)
+and runs under autocast; optimizer hooks finish the gradient reduction, unscale fp16 gradients and
+skip overflowed steps, clip by the global norm across shards, and after the step bring the replicas
+back together. The `Engine` behind them (`tidal.engine(model)`) also offers a DeepSpeed-style
+`backward`/`step`, `no_sync`, `save`/`load` and `metrics`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Variable
+
+from tidal.config import Config
+from tidal.parallel.data import apply_data_parallel
+from tidal.runtime import checkpoint
+from tidal.runtime.context import Context, current, init, resolve_config
+from tidal.runtime.metrics import CommRecord, StepMetrics
+from tidal.runtime.precision import LossScaler, autocast, global_grad_norm, scale_grads_
+
+ENGINE_ATTR = "_tidal_engine"
+
+
+class Engine:
+    """Drives one wrapped model and optimizer; see the module docstring for what it instruments."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        context: Context,
+        lr_scheduler: Any | None = None,
+    ) -> None:
+        _check_supported(config, model, optimizer)
+        self.model = model.to(context.device.torch_device)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.config = config
+        self.context = context
+        self.topology = context.topology
+        self.accumulation = config.train.gradient_accumulation_steps
+        self.scaler = LossScaler(config.precision)
+        self.metrics = StepMetrics(
+            rank=context.rank,
+            world=context.world_size,
+            config=config.logging,
+            total_steps=config.train.steps,
+            device=context.device,
+        )
+        if config.logging.trace:
+            atexit.register(self.metrics.write_trace)
+        self.dp = apply_data_parallel(model, optimizer, self.topology, config, on_comm=self._observe_comm)
+        self.global_step = 0
+        self.micro_step = 0
+        self._no_sync = False
+        self._bypass_hooks = False
+        self._explicit_backward = False
+        self._loss_scaled = False
+        self._overflow = False
+        self._save_due = False
+        self._losses: list[torch.Tensor] = []
+        self._step_span: contextlib.AbstractContextManager | None = None
+        self._instrument()
+
+    # -- instrumentation -----------------------------------------------------------------------------
+
+    def _instrument(self) -> None:
+        original_forward = self.model.forward
+
+        @functools.wraps(original_forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            training = self.model.training and torch.is_grad_enabled()
+            if training:
+                self._begin_micro_step(args, kwargs)
+            with self.metrics.span("forward"), autocast(self.config.precision, self.context.device.type):
+                out = original_forward(*args, **kwargs)
+            if training:
+                self._observe_output(out)
+            return out
+
+        self.model.forward = forward
+        original_zero_grad = self.optimizer.zero_grad
+
+        @functools.wraps(original_zero_grad)
+        def zero_grad(set_to_none: bool = True) -> None:
+            original_zero_grad(set_to_none=set_to_none)
+            self.dp.zero_grad(set_to_none)
+
+        self.optimizer.zero_grad = zero_grad
+        self.optimizer.register_step_pre_hook(self._before_step)
+        self.optimizer.register_step_post_hook(self._after_step)
+        setattr(self.model, ENGINE_ATTR, self)
+        setattr(self.optimizer, ENGINE_ATTR, self)
+
+    def _begin_micro_step(self, args: tuple, kwargs: dict) -> None:
+        if self._save_due:
+            self._save_due = False
+            self.save()
+        self.micro_step += 1
+        boundary = not self._no_sync and self.micro_step % self.accumulation == 0
+        self.dp.prepare_backward(boundary)
+        samples, tokens = _batch_size(args, kwargs)
+        self.metrics.observe_batch(samples, tokens)
+
+    def _observe_output(self, out: Any) -> None:
+        loss = _find_loss(out)
+        if loss is None:
+            return
+        self._losses.append(loss.detach())
+        if loss.requires_grad:
+            loss.register_hook(self._on_backward_start)
+
+    def _on_backward_start(self, grad: torch.Tensor) -> torch.Tensor:
+        """The loss's gradient hook: the first thing backward runs. Times backward; scales for fp16."""
+        span = self.metrics.span("backward")
+        span.__enter__()
+        Variable._execution_engine.queue_callback(lambda: span.__exit__(None, None, None))
+        if not self.scaler.enabled:
+            return grad
+        self._loss_scaled = True
+        return grad if self._explicit_backward else grad * self.scaler.scale
+
+    def _observe_comm(self, name: str, nbytes: int, work: dist.Work) -> CommWatch:
+        return CommWatch(self.metrics.comm_launched(name, nbytes), work)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._bypass_hooks:
+            return
+        self._step_span = self.metrics.span("step")
+        self._step_span.__enter__()
+        if self.scaler.enabled and not self._loss_scaled:
+            raise RuntimeError(
+                "precision.dtype=fp16 needs the loss scaled before backward, and tidal found no loss in the "
+                "model's output; call tidal.engine(model).backward(loss) instead of loss.backward()"
+            )
+        self.dp.finish_gradients()
+        group = self.dp.group if self.dp.world > 1 else None
+        self._overflow = self.scaler.unscale_and_check(self.dp.optimizer_grads(), group)
+        if self._overflow:
+            self.dp.drop_grads()
+            self.metrics.observe_skipped_step()
+            return
+        sq_sum, norm_group = self.dp.grad_sq_sum()
+        norm = global_grad_norm(sq_sum, norm_group if self.dp.world > 1 else None)
+        clip = self.config.train.gradient_clipping
+        if clip is not None and norm > clip:
+            scale_grads_(self.dp.optimizer_grads(), clip / (norm + 1e-6))
+        self.metrics.observe_grad_norm(norm)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._bypass_hooks:
+            return
+        if not self._overflow:
+            self.dp.after_step()
+        self.scaler.update(self._overflow)
+        self._step_span.__exit__(None, None, None)
+        self.global_step += 1
+        self.micro_step = 0
+        self._loss_scaled = False
+        self._report_loss()
+        self.metrics.end_step(self.global_step)
+        interval = self.config.checkpoint.interval
+        if interval and self.global_step % interval == 0:
+            self._save_due = True  # at the next forward: after the user's scheduler.step(), not before
+
+    def _report_loss(self) -> None:
+        if not self._losses:
+            return
+        mean = torch.stack([x.float() for x in self._losses]).mean().reshape(1)
+        self._losses.clear()
+        if self.dp.world > 1 and self.global_step % self.config.logging.interval == 0:
+            dist.all_reduce(mean, group=self.dp.group)
+            mean /= self.dp.world
+        self.metrics.observe_loss(mean.item())
+
+    # -- DeepSpeed-style API -------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with the loss divided by the accumulation steps and fp16-scaled."""
+        scaled = loss / self.accumulation
+        if self.scaler.enabled:
+            scaled = scaled * self.scaler.scale
+            self._loss_scaled = True
+        self._explicit_backward = True
+        try:
+            scaled.backward()
+        finally:
+            self._explicit_backward = False
+
+    def step(self) -> bool:
+        """At an accumulation boundary: optimizer step, zero_grad and scheduler step. Returns whether it stepped."""
+        if self.micro_step % self.accumulation != 0:
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return True
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forward passes inside accumulate gradients locally, with no communication in their backward."""
+        previous, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _root(self, path: str | os.PathLike | None) -> Path:
+        root = path or self.config.checkpoint.dir
+        if root is None:
+            raise ValueError("no checkpoint directory: pass one to save()/load() or set checkpoint.dir")
+        return Path(root)
+
+    def _tensor_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optim": {"state": self.dp.optimizer_state()}}
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write a checkpoint of everything needed to resume (collective: every rank calls it)."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        extras = {
+            "step": self.global_step,
+            "rng": checkpoint.capture_rng(),
+            "param_groups": groups,
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "config": self.config.to_dict(),
+        }
+        return checkpoint.save_checkpoint(
+            self._root(path), self.global_step, self._tensor_state(), extras, keep=self.config.checkpoint.keep
+        )
+
+    def load(self, path: str | os.PathLike | None = None) -> int:
+        """Resume from a checkpoint directory (or a root, meaning its latest); returns the step reached.
+
+        The checkpoint may come from another data-parallel size or ZeRO stage."""
+        self._create_optimizer_state()
+        extras = checkpoint.load_checkpoint(self._root(path), self._tensor_state())
+        self.global_step = int(extras["step"])
+        checkpoint.restore_rng(extras["rng"])
+        for group, saved in zip(self.optimizer.param_groups, extras["param_groups"], strict=False):
+            group.update(saved)
+        self.scaler.load_state_dict(extras["scaler"])
+        if self.lr_scheduler is not None and extras.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(extras["scheduler"])
+        self.micro_step = 0
+        return self.global_step
+
+    def _create_optimizer_state(self) -> None:
+        """Make the optimizer allocate its state (a step at lr 0 on zero gradients) so there is something
+        to load into; the parameters do not move."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if all(p in self.optimizer.state for p in params):
+            return
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        grads = [p.grad for p in params]
+        self._bypass_hooks = True
+        try:
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            self._bypass_hooks = False
+
+
+class CommWatch:
+    """Tells a collective's metrics record when it completed and how long its wait blocked.
+
+    Completion comes from the work's future; gloo's reduce_scatter has none, so there completion is
+    seen at the wait (already done: counted hidden, though its end time is then an upper bound).
+    """
+
+    def __init__(self, record: CommRecord, work: dist.Work) -> None:
+        self.record = record
+        self.work = work
+        self._done = False
+        self._lock = threading.Lock()
+        with contextlib.suppress(RuntimeError):  # no future on this backend/collective
+            work.get_future().then(lambda _: self._complete())
+
+    def _complete(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self.record.completed()
+
+    @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        if self.work.is_completed():
+            self._complete()
+            yield
+            return
+        with self.record.blocked():
+            yield
+        self._complete()
+
+
+def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    p = config.parallel
+    for name in ("tp", "pp", "sp", "ep"):
+        if getattr(p, name) != 1:
+            raise NotImplementedError(
+                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data parallel and ZeRO so far; "
+                f"set parallel.{name}=1"
+            )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"tidal.wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if hasattr(model, ENGINE_ATTR):
+        raise RuntimeError("this model is already wrapped by tidal; wrap it once")
+
+
+def _find_loss(out: Any) -> torch.Tensor | None:
+    """The loss in a model's output: ``out.loss``, ``out["loss"]``, or a scalar tensor output."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, torch.Tensor) and out.numel() == 1:
+        loss = out
+    return loss if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
+
+
+def _batch_size(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(samples, tokens) of a forward's inputs: tokens when ``input_ids`` is given."""
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        return ids.shape[0], ids.numel()
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.dim() >= 1:
+        return first.shape[0], None
+    return None, None
+
+
+def wrap(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config | Mapping | str | os.PathLike | None = None,
+    *,
+    lr_scheduler: Any | None = None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Instrument `model` and `optimizer` for the job `tidal.init()` joined (joining it first if needed).
+
+    Args:
+        config: as for `tidal.init`; None uses the config init was given. Its parallel sizes must
+            match the ones init built the topology with.
+        lr_scheduler: the user's scheduler, saved and restored with checkpoints.
+    Returns:
+        ``(model, optimizer)``: the same objects, instrumented; ``tidal.engine(model)`` is the Engine.
+    """
+    context = current() or init(config)
+    cfg = context.config if config is None else resolve_config(config)
+    if cfg.parallel != context.config.parallel:
+        raise ValueError(
+            f"tidal.wrap() got parallel sizes {cfg.parallel.model_dump()} but tidal.init() built the topology "
+            f"with {context.config.parallel.model_dump()}; pass the same config to both"
+        )
+    engine_ = Engine(model, optimizer, cfg, context, lr_scheduler)
+    return engine_.model, engine_.optimizer
+
+
+def engine(obj: torch.nn.Module | torch.optim.Optimizer) -> Engine:
+    """The Engine behind a model or optimizer returned by `tidal.wrap`."""
+    found = getattr(obj, ENGINE_ATTR, None)
+    if found is None:
+        raise ValueError(f"this {type(obj).__name__} was not returned by tidal.wrap()")
+    return found
