@@ -26,6 +26,47 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Llama from a transformers config, random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_mixtral(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Mixtral-style MoE (8 experts, top-2) from a transformers config: some experts get no tokens."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=SEQ,
+        router_aux_loss_coef=0.0,
+    )
+    return MixtralForCausalLM(config)
+
+
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mixtral": tiny_mixtral}
+
+
 def batches(steps: int, global_batch: int, seed: int = 1) -> list[torch.Tensor]:
     """`steps` global batches of token ids, shape (global_batch, SEQ)."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,9 +96,11 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_run(steps: int, global_batch: int, accumulation: int = 1, clip: float | None = None):
+def reference_run(
+    steps: int, global_batch: int, accumulation: int = 1, clip: float | None = None, model_name: str = "gpt2"
+):
     """Plain single-process PyTorch: losses per step and final parameters."""
-    model = tiny_gpt2()
+    model = MODELS[model_name]()
     opt = make_optimizer(model)
     losses = []
     for ids in batches(steps, global_batch):

@@ -33,6 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+FIRST_BUCKET_BYTES = 1 << 20
+"""Cap of the first bucket (the last layers' gradients, ready first), bytes."""
+
 
 def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
     """Rows [start, end) of `rank` when `rows` are split into `world` chunks like torch.chunk / Shard(0)."""
@@ -124,7 +127,9 @@ class GradientBuckets:
             key = (mode, p.dtype)
             group = current.setdefault(key, [])
             group.append(p)
-            if sum(q.numel() * q.element_size() for q in group) >= bucket_bytes:
+            # The first bucket is small so that communication starts as early in backward as it can.
+            limit = min(bucket_bytes, FIRST_BUCKET_BYTES) if not buckets else bucket_bytes
+            if sum(q.numel() * q.element_size() for q in group) >= limit:
                 buckets.append(Bucket(len(buckets), current.pop(key), mode))
         for (mode, _), group in current.items():
             buckets.append(Bucket(len(buckets), group, mode))

@@ -32,7 +32,7 @@ from torch.autograd import Variable
 
 from tidal.config import Config
 from tidal.parallel.data import apply_data_parallel
-from tidal.runtime import checkpoint
+from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
 from tidal.runtime.metrics import CommRecord, StepMetrics
 from tidal.runtime.precision import LossScaler, autocast, global_grad_norm, scale_grads_
@@ -120,7 +120,8 @@ class Engine:
         boundary = not self._no_sync and self.micro_step % self.accumulation == 0
         self.dp.prepare_backward(boundary)
         samples, tokens = _batch_size(args, kwargs)
-        self.metrics.observe_batch(samples, tokens)
+        world = self.dp.world  # ranks see equal micro-batches: the job's throughput is world times this rank's
+        self.metrics.observe_batch(samples and samples * world, tokens and tokens * world)
 
     def _observe_output(self, out: Any) -> None:
         loss = _find_loss(out)
@@ -188,7 +189,7 @@ class Engine:
             return
         mean = torch.stack([x.float() for x in self._losses]).mean().reshape(1)
         self._losses.clear()
-        if self.dp.world > 1 and self.global_step % self.config.logging.interval == 0:
+        if self.dp.world > 1:  # one scalar per step: every rank reports the job's loss, not its own
             dist.all_reduce(mean, group=self.dp.group)
             mean /= self.dp.world
         self.metrics.observe_loss(mean.item())
@@ -242,7 +243,7 @@ class Engine:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         extras = {
             "step": self.global_step,
-            "rng": checkpoint.capture_rng(),
+            "rng": rng.capture_rng(),
             "param_groups": groups,
             "scaler": self.scaler.state_dict(),
             "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
@@ -259,7 +260,7 @@ class Engine:
         self._create_optimizer_state()
         extras = checkpoint.load_checkpoint(self._root(path), self._tensor_state())
         self.global_step = int(extras["step"])
-        checkpoint.restore_rng(extras["rng"])
+        rng.restore_rng(extras["rng"])
         for group, saved in zip(self.optimizer.param_groups, extras["param_groups"], strict=False):
             group.update(saved)
         self.scaler.load_state_dict(extras["scaler"])
