@@ -218,7 +218,9 @@ def _plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         for name in names:
-            yield from _plain_tensors(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):  # DTensor also names its (opaque) device mesh
+                yield from _plain_tensors(inner)
     else:
         yield tensor
 
