@@ -78,6 +78,22 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return batch.chunk(world)[rank]
 
 
+def train_step(model, opt, ids: torch.Tensor, rank: int, world: int, scheduler=None) -> float:
+    """One step of the plain loop on this rank's share of `ids`; returns the job's mean loss."""
+    import torch.distributed as dist
+
+    mine = shard(ids, rank, world)
+    loss = model(input_ids=mine, labels=mine).loss
+    loss.backward()
+    opt.step()
+    if scheduler is not None:
+        scheduler.step()
+    opt.zero_grad()
+    total = loss.detach().float().reshape(1)
+    dist.all_reduce(total)
+    return total.item() / world
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with two param groups (decay / no decay), as real training scripts build it."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

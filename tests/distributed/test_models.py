@@ -6,8 +6,7 @@ tokens on a rank have no gradient there; the reduction must neither hang nor los
 """
 
 import pytest
-import torch.distributed as dist
-from models import MODELS, batches, full_params, make_optimizer, reference_run, shard
+from models import MODELS, batches, full_params, make_optimizer, reference_run, train_step
 from ranks import run_ranks
 
 import tidal
@@ -25,16 +24,7 @@ def _run_all(rank: int, world: int) -> dict:
         model, opt = tidal.wrap(
             model, make_optimizer(model), {"zero": {"stage": stage}, "logging": {"progress": False}}
         )
-        losses = []
-        for ids in batches(STEPS, GLOBAL_BATCH):
-            mine = shard(ids, rank, world)
-            loss = model(input_ids=mine, labels=mine).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            total = loss.detach().reshape(1)
-            dist.all_reduce(total)
-            losses.append(total.item() / world)
+        losses = [train_step(model, opt, ids, rank, world) for ids in batches(STEPS, GLOBAL_BATCH)]
         out[(name, stage)] = (losses, full_params(model))
     tidal.shutdown()
     return out

@@ -6,8 +6,7 @@ losses agree to 2e-2 relative (fp32 agrees to 1e-5 in test_zero.py).
 
 import pytest
 import torch
-import torch.distributed as dist
-from models import batches, full_params, make_optimizer, shard, tiny_gpt2
+from models import batches, full_params, make_optimizer, tiny_gpt2, train_step
 from ranks import run_ranks
 
 import tidal
@@ -24,16 +23,9 @@ def _train(rank: int, world: int, config: dict, steps: int) -> tuple:
     engine = tidal.engine(model)
     losses, after_first = [], None
     for ids in batches(steps, GLOBAL_BATCH):
-        mine = shard(ids, rank, world)
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        losses.append(train_step(model, opt, ids, rank, world))
         if after_first is None:
             after_first = full_params(model)
-        total = loss.detach().float().reshape(1)
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
     skipped = [r.skipped for r in engine.metrics.history]
     unchanged = all(torch.equal(initial[n], after_first[n]) for n in initial)
     applied = {int(state["step"]) for state in opt.state.values()}

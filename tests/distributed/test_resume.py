@@ -4,8 +4,7 @@ stage, load, train 2 more; the losses equal an uninterrupted 5-step single-proce
 
 import pytest
 import torch
-import torch.distributed as dist
-from models import batches, make_optimizer, shard, tiny_gpt2
+from models import batches, make_optimizer, tiny_gpt2, train_step
 from ranks import run_ranks
 
 import tidal
@@ -35,15 +34,7 @@ def _job(rank: int, world: int, stage: int, root: str, first: int, last: int) ->
     for step, ids in enumerate(batches(STEPS, GLOBAL_BATCH)):
         if not first <= step < last:
             continue
-        mine = shard(ids, rank, world)
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        total = loss.detach().reshape(1)
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(train_step(model, opt, ids, rank, world, sched))
     engine.save()
     tidal.shutdown()
     return losses
