@@ -32,7 +32,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tidal
-from tidal.memory.probe import format_bytes
 from tidal.memory.tracker import LiveTensorTracker
 from tidal.runtime.context import current
 
@@ -69,8 +68,11 @@ class Settings:
     steps: int
     """Timed steps per runner, spread over the rounds."""
     rounds: int
+    """Turns each runner takes in the timed phase (one step per turn by default)."""
     world: int
+    """Ranks, processes."""
     seed: int = 0
+    """Seed of the model's initial weights (the same for every runner)."""
 
 
 @dataclass
@@ -88,7 +90,6 @@ class Runner:
     """One way of training the model: built, stepped on this rank's batches, timed."""
 
     def __init__(self, name: str, settings: Settings, batches: list[torch.Tensor]) -> None:
-        self.name = name
         self.batches = batches
         self.next_batch = 0
         self.times_s: list[float] = []
@@ -106,7 +107,7 @@ class Runner:
         self.optimizer.step()
         self.optimizer.zero_grad()
         elapsed = time.perf_counter() - start
-        self.last_loss = float(loss)
+        self.last_loss = float(loss.detach())
         return elapsed
 
 
@@ -129,13 +130,12 @@ def _gpt2(settings: Settings) -> torch.nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def _adamw(params) -> torch.optim.Optimizer:
+def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LR)
 
 
 def _ddp(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    ctx = current()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=ctx.topology.group("dp_sp"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=current().topology.group("dp_sp"))
     return ddp, _adamw(ddp.parameters())
 
 
@@ -200,11 +200,11 @@ def _rank_main(rank: int, settings: Settings, port: int) -> None:
     runners, memory = {}, {}
     for name in RUNNERS:
         runners[name], *memory[name] = _build_and_measure_memory(name, settings, batches)
-    per_round = -(-settings.steps // settings.rounds)
+    base, extra = divmod(settings.steps, settings.rounds)
     for round_index in range(settings.rounds):
         for name in RUNNERS:
             runner = runners[name]
-            for _ in range(min(per_round, settings.steps - round_index * per_round)):
+            for _ in range(base + (round_index < extra)):
                 runner.times_s.append(runner.step())
     mine = {name: Result(r.times_s, *memory[name], r.last_loss) for name, r in runners.items()}
     everyone: list[dict[str, Result] | None] = [None] * settings.world
@@ -214,19 +214,36 @@ def _rank_main(rank: int, settings: Settings, port: int) -> None:
     tidal.shutdown()
 
 
+@dataclass(frozen=True)
+class Summary:
+    """One runner's row of the table, over both ranks."""
+
+    median_s: float
+    """Median over the timed steps of the slower rank's step time, seconds."""
+    min_s: float
+    max_s: float
+    peak_bytes: int
+    """Tracked peak of the rank with the higher one, bytes."""
+    resident_bytes: int
+    last_loss: float
+    """Rank 0's loss at its last step (the same on every runner when they agree)."""
+
+
+def _summarize(name: str, by_rank: list[dict[str, Result]]) -> Summary:
+    per_step = [max(ts) for ts in zip(*(r[name].times_s for r in by_rank), strict=True)]
+    return Summary(
+        median_s=statistics.median(per_step),
+        min_s=min(per_step),
+        max_s=max(per_step),
+        peak_bytes=max(r[name].peak_bytes for r in by_rank),
+        resident_bytes=max(r[name].resident_bytes for r in by_rank),
+        last_loss=by_rank[0][name].last_loss,
+    )
+
+
 def _report(settings: Settings, by_rank: list[dict[str, Result]]) -> None:
     """Print the table and the ratios."""
-    rows = {}
-    for name in RUNNERS:
-        per_step = [max(ts) for ts in zip(*(r[name].times_s for r in by_rank), strict=True)]
-        rows[name] = (
-            statistics.median(per_step),
-            min(per_step),
-            max(per_step),
-            max(r[name].peak_bytes for r in by_rank),
-            max(r[name].resident_bytes for r in by_rank),
-            by_rank[0][name].last_loss,
-        )
+    rows = {name: _summarize(name, by_rank) for name in RUNNERS}
     params = sum(p.numel() for p in _gpt2(settings).parameters())
     print(
         f"GPT-2 {settings.layers} layers, width {settings.width}, {settings.heads} heads, seq {settings.seq}, "
@@ -241,20 +258,21 @@ def _report(settings: Settings, by_rank: list[dict[str, Result]]) -> None:
     header = f"{'runner':<14}{'step median':>13}{'min':>9}{'max':>9}{'peak/rank':>13}{'resident':>12}{'loss':>9}"
     print(header)
     print("-" * len(header))
-    for name, (median, low, high, peak, resident, loss) in rows.items():
+    for name, row in rows.items():
         print(
-            f"{name:<14}{median:>12.3f}s{low:>8.3f}s{high:>8.3f}s"
-            f"{format_bytes(peak):>13}{format_bytes(resident):>12}{loss:>9.4f}"
+            f"{name:<14}{row.median_s:>12.3f}s{row.min_s:>8.3f}s{row.max_s:>8.3f}s"
+            f"{row.peak_bytes / 2**20:>9.2f} MiB{row.resident_bytes / 2**20:>8.2f} MiB{row.last_loss:>9.4f}"
         )
-    ratios = {
-        "DDP step time / tidal ZeRO-0 step time": rows["DDP"][0] / rows["tidal ZeRO-0"][0],
-        "FSDP2 step time / tidal ZeRO-3 step time": rows["FSDP2"][0] / rows["tidal ZeRO-3"][0],
-        "tidal ZeRO-3 peak / FSDP2 peak": rows["tidal ZeRO-3"][3] / rows["FSDP2"][3],
-        "tidal ZeRO-0 peak / DDP peak": rows["tidal ZeRO-0"][3] / rows["DDP"][3],
-    }
-    notes = ("(>= 1.0: tidal at least as fast)", "(>= 1.0: tidal at least as fast)", "(<= 1.0 target)", "(info)")
+    ddp, zero0, fsdp2, zero3 = (rows[name] for name in RUNNERS)
+    faster = "(>= 1.0: tidal at least as fast)"
+    ratios = [
+        ("DDP step time / tidal ZeRO-0 step time", ddp.median_s / zero0.median_s, faster),
+        ("FSDP2 step time / tidal ZeRO-3 step time", fsdp2.median_s / zero3.median_s, faster),
+        ("tidal ZeRO-3 peak / FSDP2 peak", zero3.peak_bytes / fsdp2.peak_bytes, "(<= 1.0 target)"),
+        ("tidal ZeRO-0 peak / DDP peak", zero0.peak_bytes / ddp.peak_bytes, "(info)"),
+    ]
     print()
-    for (label, value), note in zip(ratios.items(), notes, strict=True):
+    for label, value, note in ratios:
         print(f"{label:<42}{value:>7.3f}  {note}")
 
 
@@ -272,15 +290,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sample (default 256)")
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
-    parser.add_argument("--batch", type=int, default=None, help="samples per rank per step (default 8)")
+    parser.add_argument("--batch", type=int, default=None, help="samples per rank per step (default 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per runner (default 2)")
     parser.add_argument("--measured", type=int, default=None, help="memory-measured steps per runner (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per runner (default 10)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per runner (default 20)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20: one step each)")
     args = parser.parse_args(argv)
     # (default, --quick) for the sizes that --quick shrinks
-    sizes = {"layers": (4, 2), "seq": (256, 128), "batch": (8, 4), "warmup": (2, 1), "measured": (2, 1)}
-    sizes |= {"steps": (10, 4), "rounds": (5, 2)}
+    sizes = {"layers": (4, 2), "seq": (256, 128), "batch": (4, 4), "warmup": (2, 1), "measured": (2, 1)}
+    sizes |= {"steps": (20, 4), "rounds": (20, 4)}
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v[args.quick] for k, v in sizes.items()}
     settings = Settings(width=args.width, heads=args.heads, vocab=args.vocab, world=2, **chosen)
     if settings.rounds > settings.steps:

@@ -2,6 +2,8 @@
 
     tidal launch --nproc-per-node 2 examples/train_gpt.py --steps 120
     tidal launch --nproc-per-node 2 --set zero.stage=3 examples/train_gpt.py --steps 120
+    tidal ray --workers 2 --max-failures 1 --set checkpoint.dir=ckpt --set checkpoint.interval=20 \
+        examples/train_gpt.py --steps 120
 
 This is an ordinary PyTorch training loop; tidal adds the `tidal.wrap` line (and `tidal.init` to
 join the job). Characters are the tokens (bytes, vocabulary 256). Every global batch is drawn from a
@@ -27,7 +29,7 @@ parser.add_argument("--seq", type=int, default=128)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--width", type=int, default=128)
-parser.add_argument("--save", default=None, help="checkpoint directory; saved at the end (and resumed from)")
+parser.add_argument("--save", help="checkpoint dir: saved at the end, resumed from (default checkpoint.dir)")
 parser.add_argument("--losses-out", default=None, help="write the per-step losses (rank 0) as JSON here")
 args = parser.parse_args()
 
@@ -59,7 +61,8 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
 )
 model, optimizer = tidal.wrap(model, optimizer, lr_scheduler=scheduler)
 engine = tidal.engine(model)
-start = engine.load(args.save) if args.save and (Path(args.save) / "latest").exists() else 0
+save_dir = args.save or ctx.config.checkpoint.dir
+start = engine.load(save_dir) if save_dir and (Path(save_dir) / "latest").exists() else 0
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -79,8 +82,8 @@ for step in range(start, args.steps):
     optimizer.zero_grad()
     losses.append(engine.metrics.history[-1].loss)
 
-if args.save:
-    engine.save(args.save)
+if save_dir:
+    engine.save(save_dir)
 if ctx.rank == 0:
     print(engine.metrics.summary(), flush=True)
     if args.losses_out:

@@ -3,6 +3,7 @@
 ctx = tidal.init()              # rank, world, device and Topology from the launcher's environment
 ctx.topology.group("tp")        # process groups by name
 tidal.shutdown()
+tidal.ray.run(train, workers=4)  # a job on Ray (imported on first use: importing Ray takes seconds)
 """
 
 from tidal.config import Config, ConfigError
@@ -23,3 +24,12 @@ __all__ = [
     "wrap",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`tidal.ray` (tidal.launch.ray) is imported on first access, so `import tidal` stays fast."""
+    if name == "ray":
+        from tidal.launch import ray
+
+        return ray
+    raise AttributeError(f"module 'tidal' has no attribute {name!r}")

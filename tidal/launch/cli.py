@@ -1,4 +1,4 @@
-"""The `tidal` command: `tidal launch` and `tidal doctor`."""
+"""The `tidal` command: `tidal launch`, `tidal ray` and `tidal doctor`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tidal.config import Config, ConfigError
 from tidal.launch.local import LaunchError, LaunchOptions, launch
+from tidal.parallel.topology import TopologyError
 
 PARALLEL_FLAGS = ("tp", "pp", "sp", "ep", "dp")
 
@@ -42,12 +43,76 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     _flag(p, "mpi-args", default="", help="extra mpiexec arguments, one string (with --launcher mpi)")
     p.add_argument("--standalone", action="store_true", help="accepted for torchrun compatibility (the default)")
     p.add_argument("-m", "--module", action="store_true", help="run TARGET as a module (python -m)")
-    p.add_argument("--config", default=None, help="tidal YAML or DeepSpeed JSON config passed to every rank")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. zero.stage=3")
-    for name in PARALLEL_FLAGS:
-        p.add_argument(f"--{name}", type=int, default=None, help=f"parallel.{name} (same as --set parallel.{name}=N)")
+    _config_flags(p)
     p.add_argument("target", metavar="SCRIPT|MODULE")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that give every rank its config: --config, --set and the parallel sizes."""
+    parser.add_argument("--config", default=None, help="tidal YAML or DeepSpeed JSON config passed to every rank")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. zero.stage=3"
+    )
+    for name in PARALLEL_FLAGS:
+        parser.add_argument(
+            f"--{name}", type=int, default=None, help=f"parallel.{name} (same as --set parallel.{name}=N)"
+        )
+
+
+def _overrides(ns: argparse.Namespace) -> list[str]:
+    """--set overrides, then the parallel-size flags as overrides."""
+    return [*ns.set, *(f"parallel.{n}={getattr(ns, n)}" for n in PARALLEL_FLAGS if getattr(ns, n) is not None)]
+
+
+# -- tidal ray (begin) ------------------------------------------------------------------------------
+
+
+def _ray_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ray",
+        help="run a job on a Ray cluster (a local Ray by default)",
+        description="Run SCRIPT on --workers Ray Train workers, one rank each; without --address on a Ray "
+        "started for this job on this machine. Flags go before SCRIPT; what follows it is the script's.",
+    )
+    p.add_argument("--workers", type=int, required=True, help="ranks of the job, one Ray worker each")
+    p.add_argument("--address", default=None, help="auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per worker (default 0)")
+    p.add_argument(
+        "--max-failures", type=int, default=0, help="restart all workers this many times on failure (-1: no limit)"
+    )
+    p.add_argument("--storage", default=None, help="root of Ray Train's run directories (default ~/ray_results)")
+    p.add_argument("--name", default=None, help="run directory name (default: chosen by Ray Train)")
+    _config_flags(p)
+    p.add_argument("target", metavar="SCRIPT")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def _run_ray(ns: argparse.Namespace) -> int:
+    """Run `tidal ray`: 0 when the job finished, 1 when it failed beyond --max-failures."""
+    from tidal.launch import ray as ray_jobs  # importing Ray takes seconds; only this command pays it
+
+    options = ray_jobs.RayOptions(
+        workers=ns.workers,
+        address=ns.address,
+        cpus_per_worker=ns.cpus_per_worker,
+        gpus_per_worker=ns.gpus_per_worker,
+        max_failures=ns.max_failures,
+        storage=ns.storage,
+        name=ns.name,
+        config=ns.config,
+        overrides=tuple(_overrides(ns)),
+    )
+    try:
+        ray_jobs.submit(ray_jobs.Script(ns.target, tuple(ns.args)), options)
+    except ray_jobs.RayJobError as failure:
+        print(f"tidal ray: {failure}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+# -- tidal ray (end) --------------------------------------------------------------------------------
 
 
 def _doctor_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="Distributed training and offloading for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _launch_parser(sub)
+    _ray_parser(sub)
     _doctor_parser(sub)
     return parser
 
 
 def launch_options(ns: argparse.Namespace) -> LaunchOptions:
     """Turn parsed `tidal launch` flags into LaunchOptions; the config is checked here, before any rank starts."""
-    overrides = [*ns.set, *(f"parallel.{n}={getattr(ns, n)}" for n in PARALLEL_FLAGS if getattr(ns, n) is not None)]
+    overrides = _overrides(ns)
     Config.load(ns.config, overrides=overrides)
     return LaunchOptions(
         target=ns.target,
@@ -97,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "launch":
             return launch(launch_options(ns))
+        if ns.command == "ray":
+            return _run_ray(ns)
         from tidal.launch import doctor
 
         return doctor.run(ns.dir, ns.size_mb << 20)
-    except (ConfigError, LaunchError) as err:
+    except (ConfigError, LaunchError, TopologyError) as err:
         print(f"tidal {ns.command}: {err}", file=sys.stderr)
         return 2
 

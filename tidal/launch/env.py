@@ -3,7 +3,8 @@
 Sources are tried in order, the first that matches wins:
 
 1. tidal / torchrun environment: ``RANK`` and ``WORLD_SIZE`` (with ``LOCAL_RANK``, ``MASTER_ADDR``,
-   ``MASTER_PORT``), as set by ``tidal launch``, torchrun or any torch.distributed.elastic agent.
+   ``MASTER_PORT``), as set by ``tidal launch``, torchrun or any torch.distributed.elastic agent, and by
+   Ray Train's TorchTrainer under ``tidal ray`` (which also opens the process group; init reuses it).
 2. MPI: OpenMPI (``OMPI_COMM_WORLD_*``), MPICH / Hydra and other PMI launchers (``PMI_RANK``,
    ``PMI_SIZE``), Intel MPI (``MPI_LOCALRANKID``) or PMIx (``PMIX_RANK``). mpi4py gives the rank and
    world; rank 0 opens the rendezvous store on a free port and broadcasts its address.

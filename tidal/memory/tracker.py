@@ -39,6 +39,8 @@ from torch.utils._python_dispatch import (
 from torch.utils._pytree import tree_leaves
 
 _ORIGINAL_RESIZE = torch.UntypedStorage.resize_
+_RESIZE_INHERITED = "resize_" not in vars(torch.UntypedStorage)
+"""UntypedStorage inherits resize_ from its C base; the wrapper is removed again rather than replaced."""
 _resize_listeners: list[LiveTensorTracker] = []
 _resize_lock = threading.Lock()
 
@@ -189,7 +191,14 @@ class LiveTensorTracker(TorchDispatchMode):
         with _resize_lock:
             _resize_listeners.remove(self)
             if not _resize_listeners:
-                torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE
+                _restore_resize()
+
+
+def _restore_resize() -> None:
+    if _RESIZE_INHERITED:
+        del torch.UntypedStorage.resize_
+    else:
+        torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE
 
 
 def _tensors_of(obj: torch.Tensor | torch.nn.Module | torch.optim.Optimizer) -> Iterator[torch.Tensor]:

@@ -100,11 +100,11 @@ class DataParallel:
 
 
 def _sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        total += local.detach().double().pow(2).sum()
-    return total
+    """Sum of squared entries of the local parts of `grads`, as a float64 scalar."""
+    local = [(g.to_local() if isinstance(g, DTensor) else g).detach() for g in grads]
+    if not local:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.nn.utils.get_total_norm(local).double() ** 2
 
 
 class Replicated(DataParallel):
@@ -241,7 +241,9 @@ class FullyShardedFSDP2(DataParallel):
         blocks = repeated_blocks(model)
         for block in blocks:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+        # The root keeps its parameters (embeddings, final norm) gathered from forward into backward: they
+        # are needed again at once when backward starts, so freeing them would only cost a re-gather.
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=False)
         ahead = config.zero.prefetch_modules
         if ahead > 1:  # FSDP2 already overlaps the next block's gather; deeper prefetch is explicit
             for i, block in enumerate(blocks):
@@ -253,7 +255,8 @@ class FullyShardedFSDP2(DataParallel):
         self._synced = True
 
     def prepare_backward(self, boundary: bool) -> None:
-        self.model.set_requires_gradient_sync(boundary)
+        if boundary != self._synced:  # the setter walks every module: only when it changes
+            self.model.set_requires_gradient_sync(boundary)
         self._synced = boundary
 
     def finish_gradients(self) -> None:

@@ -161,9 +161,11 @@ class Engine:
             self.dp.drop_grads()
             self.metrics.observe_skipped_step()
             return
+        clip = self.config.train.gradient_clipping
+        if clip is None and not self._logging_step(self.global_step + 1):
+            return  # the norm costs a pass over every gradient and a collective: only when it is used
         sq_sum, norm_group = self.dp.grad_sq_sum()
         norm = global_grad_norm(sq_sum, norm_group if self.dp.world > 1 else None)
-        clip = self.config.train.gradient_clipping
         if clip is not None and norm > clip:
             scale_grads_(self.dp.optimizer_grads(), clip / (norm + 1e-6))
         self.metrics.observe_grad_norm(norm)
@@ -184,12 +186,16 @@ class Engine:
         if interval and self.global_step % interval == 0:
             self._save_due = True  # at the next forward: after the user's scheduler.step(), not before
 
+    def _logging_step(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) prints a metrics line: the same answer on every rank."""
+        return step % self.config.logging.interval == 0 or step == self.config.train.steps
+
     def _report_loss(self) -> None:
         if not self._losses:
             return
         mean = torch.stack([x.float() for x in self._losses]).mean().reshape(1)
         self._losses.clear()
-        if self.dp.world > 1:  # one scalar per step: every rank reports the job's loss, not its own
+        if self.dp.world > 1 and self._logging_step(self.global_step):  # the job's loss, on the steps that print it
             dist.all_reduce(mean, group=self.dp.group)
             mean /= self.dp.world
         self.metrics.observe_loss(mean.item())

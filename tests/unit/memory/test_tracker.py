@@ -4,6 +4,7 @@ optimizer state, FSDP2's sharded parameters and gloo collectives (a one-rank gro
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -222,3 +223,13 @@ def test_fsdp2_sharded_model_counts_local_shards_and_frees_gathered_copies(gloo_
         optimizer.zero_grad()
     state = sum(_local(v).nbytes for s in optimizer.state.values() for v in s.values())
     assert tracker.current_bytes("cpu") == params + state + out.nbytes
+
+
+def test_release_on_another_thread_is_seen() -> None:
+    with LiveTensorTracker() as tracker:
+        box = [torch.empty(FLOATS)]
+    worker = threading.Thread(target=box.clear)
+    worker.start()
+    worker.join()
+    assert tracker.current_bytes("cpu") == 0
+    assert tracker.peak_bytes("cpu") == NBYTES
