@@ -4,6 +4,7 @@ The example GPT job must train under Ray exactly as under `tidal launch`, come b
 mid-run (restarting from its tidal checkpoint), and fail clearly once its restart budget is spent.
 """
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,13 +70,13 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    saved_env = {name: os.environ.get(name) for name in RAY_ENV}
     os.environ.update(RAY_ENV)  # this process is a driver too (tidal.ray.run); Ray reads these at import
     log = (tmp_path_factory.mktemp("head") / "ray-start.log").open("w")
     cmd = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
     cmd += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}, start_new_session=True
-    )
+    env = {**os.environ, **RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once on SIGTERM
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while proc.poll() is None and time.monotonic() < deadline:
@@ -92,6 +94,34 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         log.close()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        pointer = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # ray start's "latest cluster" note
+        with contextlib.suppress(OSError):
+            if pointer.read_text().strip() == f"127.0.0.1:{port}":
+                pointer.unlink()
+
+
+@pytest.mark.timeout(60)
+def test_sizes_that_do_not_fit_the_workers_are_refused_before_ray_starts(tmp_path):
+    res = _tidal_ray("--workers", "3", "--tp", "2", str(EXAMPLE), timeout=50)
+    assert res.returncode == 2
+    assert "tidal ray: tp=2 does not divide world size 3" in res.stderr, res.stderr[-3000:]
+    assert "Ray" not in res.stderr
+
+
+@pytest.mark.timeout(10)
+def test_a_tensor_parallel_group_must_lie_on_one_node():
+    from tidal.launch.ray import check_tp_placement, placement_strategy
+
+    check_tp_placement(tp=2, rank=3, local_rank=1, local_world_size=2)  # node holds ranks 2..3, group 2..3
+    with pytest.raises(RuntimeError, match=r"rank 3's tensor-parallel group \(ranks 2..3\) spans nodes"):
+        check_tp_placement(tp=2, rank=3, local_rank=0, local_world_size=3)  # node holds ranks 3..5
+    assert placement_strategy(tp=4, workers=4) == "STRICT_PACK"
+    assert placement_strategy(tp=2, workers=4) == placement_strategy(tp=1, workers=1) == "PACK"
 
 
 @pytest.mark.timeout(180)
@@ -166,4 +196,4 @@ def test_past_max_failures_the_job_fails_naming_the_dead_rank(tmp_path, head):
     assert res.returncode == 1, res.stderr[-3000:]
     assert not out.exists()
     assert "tidal ray: the job failed (no restarts allowed" in res.stderr, res.stderr[-3000:]
-    assert "failed workers:\n  rank 1: " in res.stderr, res.stderr[-3000:]
+    assert "failed workers:\n  rank 1: its process died" in res.stderr, res.stderr[-3000:]

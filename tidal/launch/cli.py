@@ -93,19 +93,19 @@ def _run_ray(ns: argparse.Namespace) -> int:
     """Run `tidal ray`: 0 when the job finished, 1 when it failed beyond --max-failures."""
     from tidal.launch import ray as ray_jobs  # importing Ray takes seconds; only this command pays it
 
-    options = ray_jobs.RayOptions(
-        workers=ns.workers,
-        address=ns.address,
-        cpus_per_worker=ns.cpus_per_worker,
-        gpus_per_worker=ns.gpus_per_worker,
-        max_failures=ns.max_failures,
-        storage=ns.storage,
-        name=ns.name,
-        config=ns.config,
-        overrides=tuple(_overrides(ns)),
-    )
     try:
-        ray_jobs.submit(ray_jobs.Script(ns.target, tuple(ns.args)), options)
+        ray_jobs.run(
+            ray_jobs.Script(ns.target, tuple(ns.args)),
+            workers=ns.workers,
+            config=ns.config,
+            overrides=_overrides(ns),
+            address=ns.address,
+            cpus_per_worker=ns.cpus_per_worker,
+            gpus_per_worker=ns.gpus_per_worker,
+            max_failures=ns.max_failures,
+            storage=ns.storage,
+            name=ns.name,
+        )
     except ray_jobs.RayJobError as failure:
         print(f"tidal ray: {failure}", file=sys.stderr, flush=True)
         return 1

@@ -21,7 +21,7 @@ run directory (``RunConfig.storage_path``). tidal adds what its own launcher giv
   tidal checkpoint (``engine.load``) as after a ``tidal launch --max-restarts`` restart. tidal's
   checkpoints are already on storage every rank shares, so Ray Train's checkpoints are not used.
 - **Results.** Rank 0 returns the final metrics of the run's Engine and its latest checkpoint path.
-- **Logs.** Every line a worker writes to stdout or stderr starts with ``[rank<N>]: ``.
+- **Logs.** Every line a worker's Python code writes to stdout or stderr starts with ``[rank<N>]: ``.
 
 Without an address, a Ray for this job alone is started in-process on loopback and stopped at the end.
 """
@@ -39,7 +39,7 @@ import string
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -116,28 +116,6 @@ class Script:
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """How to run a job on Ray; the fields mirror ``tidal ray``'s flags."""
-
-    workers: int
-    """Ranks of the job, one Ray Train worker each."""
-    address: str | None = None
-    """Ray cluster to join: "auto", HOST:PORT or ray://HOST:PORT; None starts a local Ray for the job."""
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_failures: int = 0
-    """Times every worker is restarted after a failure; -1 restarts without limit."""
-    storage: str | None = None
-    """Root of Ray Train's run directories (RunConfig.storage_path); None is Ray's default, ~/ray_results."""
-    name: str | None = None
-    """Run directory name; None lets Ray Train choose one."""
-    config: Config | Mapping | str | os.PathLike | None = None
-    """The workers' base config: a Config, a mapping, a YAML/DeepSpeed JSON file, or None (defaults)."""
-    overrides: tuple[str, ...] = field(default_factory=tuple)
-    """``KEY=VALUE`` overrides, applied on top of whatever config the user code passes to tidal.init."""
-
-
-@dataclass(frozen=True)
 class _Job:
     """What every worker runs and with which environment; pickled to the workers."""
 
@@ -163,67 +141,61 @@ def run(
     storage: str | os.PathLike | None = None,
     name: str | None = None,
 ) -> RayResult:
-    """Run `train_fn` on `workers` Ray workers, one rank each, and return rank 0's results.
+    """Run `train_fn` on `workers` Ray Train workers, one rank each, and return rank 0's results.
 
     Args:
-        train_fn: called with no arguments on every worker (bind arguments with functools.partial);
-            it calls ``tidal.init()``/``tidal.wrap`` as under ``tidal launch``. It may return a dict of
-            metrics, or the Engine / a wrapped model, whose metrics and checkpoint root the result then
-            reports. `Script` runs a script file.
-        Other arguments: see `RayOptions`.
+        train_fn: called with no arguments on every worker (bind arguments with functools.partial); it
+            calls ``tidal.init()``/``tidal.wrap`` as under ``tidal launch``. It may return a dict of
+            metrics, or the Engine or a wrapped model (the result then has its metrics and checkpoint).
+            ``Script(path, args)`` runs a script file.
+        config: the workers' base config: a Config, a mapping, a YAML/DeepSpeed JSON file, or None.
+        overrides: ``KEY=VALUE`` overrides, applied on top of any config the user code passes to init.
+        address: the Ray cluster, "auto", HOST:PORT or ray://HOST:PORT; None starts a local Ray for the
+            job (an already open Ray session is used as it is).
+        cpus_per_worker, gpus_per_worker: what Ray reserves for each worker.
+        max_failures: restarts of every worker after a failure; -1 restarts without limit.
+        storage: root of Ray Train's run directories; None is Ray's default (~/ray_results).
+        name: the run directory's name; None lets Ray Train choose.
     Returns:
         The final metrics and checkpoint path (also printed).
     Raises:
         RayJobError: a worker failed more than `max_failures` times.
-        LaunchError, ConfigError, TopologyError: options that cannot work, before any worker starts.
+        LaunchError, ConfigError, TopologyError: arguments that cannot work, before any worker starts.
     """
-    options = RayOptions(
-        workers=workers,
-        address=address,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        max_failures=max_failures,
-        storage=None if storage is None else str(storage),
-        name=name,
-        config=config,
-        overrides=tuple(overrides),
-    )
-    return submit(train_fn, options)
-
-
-def submit(target: Callable[[], Any], options: RayOptions) -> RayResult:
-    """Run `target` (a train function or a `Script`) as the job `options` describe; see `run`."""
-    config = Config.load(options.config, overrides=options.overrides)
-    job = _job(target, options, config)
-    _check_options(options)
-    p = config.parallel
-    RankGrid.create(options.workers, pp=p.pp, dp=None if p.dp == "auto" else p.dp, sp=p.sp, tp=p.tp, ep=p.ep)
-    ray = _import_ray(local=options.address is None)
+    for flag, value, low in (("workers", workers, 1), ("gpus-per-worker", gpus_per_worker, 0)):
+        if value < low:
+            raise LaunchError(f"--{flag}={value} must be at least {low}")
+    if cpus_per_worker <= 0 or max_failures < -1:
+        raise LaunchError(f"--cpus-per-worker={cpus_per_worker} must be > 0, --max-failures={max_failures} >= -1")
+    cfg = Config.load(config, overrides=overrides)
+    p = cfg.parallel
+    RankGrid.create(workers, pp=p.pp, dp=None if p.dp == "auto" else p.dp, sp=p.sp, tp=p.tp, ep=p.ep)
+    job = _job(train_fn, config, tuple(overrides), cfg)
+    ray = _import_ray(local=address is None)
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    gpus = options.gpus_per_worker > 0 and config.device != "cpu"
-    resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if gpus else {})}
+    gpus = gpus_per_worker > 0 and cfg.device != "cpu"
     trainer = TorchTrainer(
         functools.partial(_worker_main, job),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=options.workers,
+            num_workers=workers,
             use_gpu=gpus,
-            resources_per_worker=resources,
-            placement_strategy=placement_strategy(p.tp, options.workers),
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus else {})},
+            placement_strategy=placement_strategy(p.tp, workers),
         ),
         run_config=RunConfig(
-            name=options.name,
-            storage_path=str(Path(options.storage).resolve()) if options.storage else None,
-            failure_config=FailureConfig(max_failures=options.max_failures),
+            name=name,
+            storage_path=str(Path(storage).resolve()) if storage else None,
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
-    with _connected(ray, options):
+    with _connected(ray, address, cpus=math.ceil(workers * cpus_per_worker)):
         try:
             result = trainer.fit()
         except TrainingFailedError as failure:
-            raise RayJobError(failure_message(failure, options.max_failures)) from None
+            raise RayJobError(failure_message(failure, max_failures)) from None
     final = result.return_value or {}
     out = RayResult(final.get("metrics", {}), final.get("checkpoint"), str(result.path))
     print(f"tidal ray: finished: {out.summary()}", flush=True)
@@ -244,46 +216,38 @@ def failure_message(failure: Exception, max_failures: int) -> str:
     if not failures:
         return f"the job failed ({budget}): {failure}"
     ranks = sorted(failures, key=lambda rank: (not _died(failures[rank]), rank))
-    listed = "\n".join(f"  rank {rank}: {_first_line(failures[rank])}" for rank in ranks)
+    listed = "\n".join(f"  rank {rank}: {_headline(failures[rank])}" for rank in ranks)
     return (
         f"the job failed ({budget}; raise --max-failures / max_failures to retry more)\n"
-        f"failed workers:\n{listed}\nrank {ranks[0]}'s error:\n{failures[ranks[0]]}"
+        f"failed workers:\n{listed}\nrank {ranks[0]}'s error (with its log file):\n{failures[ranks[0]]}"
     )
 
 
 def _died(error: BaseException) -> bool:
     """True when the worker process itself died (killed, crashed) rather than raising."""
-    return "ActorDied" in type(error).__name__ or "died" in str(error).lower()
+    return "died" in str(error).lower()
 
 
-def _first_line(error: BaseException) -> str:
+def _headline(error: BaseException) -> str:
+    """One line for a failed rank: that its process died, or the last line of its error."""
+    if _died(error):
+        return f"its process died ({type(error).__name__})"
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:200]
 
 
-def _check_options(options: RayOptions) -> None:
-    if options.workers < 1:
-        raise LaunchError(f"--workers={options.workers} must be at least 1")
-    if options.cpus_per_worker <= 0:
-        raise LaunchError(f"--cpus-per-worker={options.cpus_per_worker} must be positive")
-    if options.gpus_per_worker < 0:
-        raise LaunchError(f"--gpus-per-worker={options.gpus_per_worker} must be 0 or more")
-    if options.max_failures < -1:
-        raise LaunchError(f"--max-failures={options.max_failures} must be -1 (no limit) or more")
-
-
-def _job(target: Callable[[], Any], options: RayOptions, config: Config) -> _Job:
+def _job(target: Callable[[], Any], config: object, overrides: tuple[str, ...], cfg: Config) -> _Job:
     """The job the workers run: a script path made absolute, the config as text, the driver's directory."""
     if isinstance(target, Script):
         if not Path(target.path).is_file():
             raise LaunchError(f"script {target.path!r} does not exist; give the path of a Python file")
         target = Script(str(Path(target.path).resolve()), tuple(target.args))
     name, text = None, None
-    if isinstance(options.config, (str, os.PathLike)):
-        name, text = Path(options.config).name, Path(options.config).read_text()
-    elif options.config is not None:
-        name, text = "config.yaml", Config.load(options.config).to_yaml()
-    return _Job(target, name, text, options.overrides, config.parallel.tp, config.checkpoint.dir, os.getcwd())
+    if isinstance(config, (str, os.PathLike)):
+        name, text = Path(config).name, Path(config).read_text()
+    elif config is not None:
+        name, text = "config.yaml", Config.load(config).to_yaml()
+    return _Job(target, name, text, overrides, cfg.parallel.tp, cfg.checkpoint.dir, os.getcwd())
 
 
 def _import_ray(local: bool) -> Any:
@@ -300,21 +264,20 @@ def _import_ray(local: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
+def _connected(ray: Any, address: str | None, cpus: int) -> Iterator[None]:
     """Join the cluster for the job: the caller's Ray session if one is open (left open), else the
-    cluster at `options.address`, else a local Ray sized for the job (stopped at the end)."""
+    cluster at `address`, else a new local Ray with at least `cpus` CPUs (stopped at the end)."""
     if ray.is_initialized():
         yield
         return
-    if options.address is None:
-        cpus = max(os.cpu_count() or 1, math.ceil(options.workers * options.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False)
+    if address is None:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False)
     else:
         try:
-            ray.init(address=options.address)
+            ray.init(address=address)
         except ConnectionError as exc:
             raise LaunchError(
-                f"no Ray cluster answers at --address {options.address}: {exc}; start one (ray start --head) "
+                f"no Ray cluster answers at --address {address}: {exc}; start one (ray start --head) "
                 "or leave --address out to run on a local Ray"
             ) from exc
     try:
@@ -341,7 +304,7 @@ def _worker_main(job: _Job) -> dict[str, Any] | None:
         else:
             metrics, root = dict(value) if isinstance(value, Mapping) else {}, job.checkpoint_dir
         latest = latest_checkpoint(root) if root else None
-    return {"metrics": metrics, "checkpoint": str(latest) if latest else None}
+    return {"metrics": metrics, "checkpoint": os.path.abspath(latest) if latest else None}
 
 
 def check_tp_placement(tp: int, rank: int, local_rank: int, local_world_size: int) -> None:
@@ -384,26 +347,20 @@ def _engine_of(value: object) -> Engine | None:
 @contextlib.contextmanager
 def _job_environment(job: _Job) -> Iterator[None]:
     """What `tidal launch` gives a rank: TIDAL_CONFIG (the config text, written to a temporary file),
-    TIDAL_SET, and the driver's working directory when this node has it (Ray Train chdirs elsewhere)."""
-    saved = {name: os.environ.get(name) for name in (CONFIG_ENV, OVERRIDES_ENV)}
-    cwd, folder = os.getcwd(), tempfile.mkdtemp(prefix="tidal-ray-")
+    TIDAL_SET, and the driver's working directory when this node has it (Ray Train chdirs elsewhere).
+    Nothing is restored afterwards: Ray ends the worker process with the attempt."""
+    folder = tempfile.mkdtemp(prefix="tidal-ray-")
+    os.environ[OVERRIDES_ENV] = json.dumps(list(job.overrides))
+    os.environ.pop(CONFIG_ENV, None)
+    if job.config_text is not None:
+        path = Path(folder) / job.config_name
+        path.write_text(job.config_text)
+        os.environ[CONFIG_ENV] = str(path)
+    if os.path.isdir(job.cwd):
+        os.chdir(job.cwd)
     try:
-        os.environ[OVERRIDES_ENV] = json.dumps(list(job.overrides))
-        os.environ.pop(CONFIG_ENV, None)
-        if job.config_text is not None:
-            path = Path(folder) / job.config_name
-            path.write_text(job.config_text)
-            os.environ[CONFIG_ENV] = str(path)
-        if os.path.isdir(job.cwd):
-            os.chdir(job.cwd)
         yield
     finally:
-        os.chdir(cwd)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         shutil.rmtree(folder, ignore_errors=True)
 
 
