@@ -148,7 +148,7 @@ class NvmeConfig(_Section):
     threads: _Positive = 4
     """I/O threads, count; default 4."""
     engine: Literal["auto", "threads", "aio"] = "auto"
-    """I/O engine: auto (DeepSpeed AIO when present), threads or aio; default auto."""
+    """I/O engine: auto (= threads), threads (O_DIRECT pool) or aio (DeepSpeed libaio, not wired yet); default auto."""
 
 
 class OffloadConfig(_Section):

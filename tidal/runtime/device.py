@@ -7,10 +7,22 @@ and which optional torch features this build offers. Feature detection happens o
 from __future__ import annotations
 
 import functools
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+
+PAGE_BYTES = mmap.PAGESIZE
+"""Bytes per host memory page; `empty_host` buffers start on a page boundary (O_DIRECT needs that)."""
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -97,3 +109,147 @@ def memory_stats(device: Device) -> dict[str, int]:
         "allocated": torch.cuda.memory_allocated(device.torch_device),
         "peak": torch.cuda.max_memory_allocated(device.torch_device),
     }
+
+
+class Handle(Protocol[T_co]):
+    """An operation under way (a copy, file I/O, a collective)."""
+
+    def wait(self) -> T_co:
+        """Block until the operation finished; return its result or raise its error."""
+        ...
+
+    def done(self) -> bool:
+        """Whether the operation finished (then `wait` does not block)."""
+        ...
+
+
+class FutureHandle(Generic[T]):
+    """A thread-pool future as a `Handle`."""
+
+    def __init__(self, future: Future[T]) -> None:
+        self._future = future
+
+    def wait(self) -> T:
+        return self._future.result()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+class _Then(Generic[T]):
+    """See `then`."""
+
+    def __init__(self, handle: Handle[object], finish: Callable[[], T]) -> None:
+        self._handle = handle
+        self._finish = finish
+        self._lock = threading.Lock()
+        self._outcome: tuple[bool, T | Exception] | None = None
+
+    def wait(self) -> T:
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._handle.wait()
+                    self._outcome = (True, self._finish())
+                except Exception as exc:
+                    self._outcome = (False, exc)
+        succeeded, value = self._outcome
+        if not succeeded:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+
+def then(handle: Handle[object], finish: Callable[[], T]) -> Handle[T]:
+    """A handle that, on its first `wait()`, waits for `handle` and then runs `finish` once.
+
+    Returns:
+        A handle whose `wait()` returns `finish()`'s result, or raises the error of `handle` or of
+        `finish` (the same error on every later `wait()`; `finish` does not run when `handle` failed).
+    """
+    return _Then(handle, finish)
+
+
+class _CudaCopyHandle:
+    """A copy queued on a side stream; `wait` blocks the host until the copy's event fired."""
+
+    def __init__(self, event: torch.cuda.Event, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._event = event
+        self._dst = dst
+        self._src = src  # kept alive until the copy finished
+
+    def wait(self) -> torch.Tensor:
+        self._event.synchronize()
+        return self._dst
+
+    def done(self) -> bool:
+        return self._event.query()
+
+
+def pin_memory_available() -> bool:
+    """Whether page-locked (pinned) host memory can be allocated: only with a visible CUDA device."""
+    return features().cuda
+
+
+def empty_host(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
+    """An uninitialized host buffer that starts on a page boundary, as O_DIRECT file I/O requires.
+
+    Args:
+        nbytes: size in bytes (>= 0).
+        pinned: allocate page-locked memory, which CUDA copies to and from asynchronously; needs
+            `pin_memory_available()`. Unpinned buffers are anonymous memory maps, returned to the OS
+            when the last tensor viewing them is freed.
+    Returns:
+        A 1-D uint8 CPU tensor of `nbytes` elements whose `data_ptr()` is a multiple of `PAGE_BYTES`.
+    Raises:
+        ValueError: `nbytes` is negative, or `pinned` is asked for without a CUDA device.
+    """
+    if nbytes < 0:
+        raise ValueError(f"nbytes={nbytes} is negative; pass a buffer size in bytes >= 0")
+    if pinned and not pin_memory_available():
+        raise ValueError("pinned host memory needs a CUDA device and none is visible; pass pinned=False")
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if not pinned:
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # anonymous maps are page-aligned
+    spare = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8, pin_memory=True)
+    start = -spare.data_ptr() % PAGE_BYTES
+    return spare[start : start + nbytes]
+
+
+def copy_async(dst: torch.Tensor, src: torch.Tensor) -> Handle[torch.Tensor]:
+    """Start `dst.copy_(src)` without waiting for it.
+
+    On CUDA (either tensor on a GPU) the copy runs on a side stream that first waits for the work
+    already queued on the current stream; host memory should be pinned for the copy to be
+    asynchronous. Between CPU tensors it runs on a small thread pool (torch releases the GIL).
+    Neither tensor may be changed or freed by the caller until the handle's `wait` returned.
+
+    Returns:
+        A handle whose `wait()` returns `dst`.
+    """
+    if dst.is_cuda or src.is_cuda:
+        device = dst.device if dst.is_cuda else src.device
+        stream = _copy_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        for tensor in (dst, src):
+            if tensor.is_cuda:
+                tensor.record_stream(stream)  # the allocator must not reuse it before the copy ran
+        event = torch.cuda.Event()
+        event.record(stream)
+        return _CudaCopyHandle(event, dst, src)
+    return FutureHandle(_copy_pool().submit(dst.copy_, src))
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@functools.cache
+def _copy_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="tidal-copy")

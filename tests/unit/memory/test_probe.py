@@ -39,15 +39,7 @@ def test_disk_probe_rounds_size_up_to_whole_blocks(tmp_path) -> None:
     assert probe_disk(tmp_path, size_bytes=MIB + 1).test_bytes == 2 * MIB
 
 
-def test_disk_probe_falls_back_to_buffered_when_o_direct_is_refused(tmp_path, monkeypatch) -> None:
-    real_open = os.open
-
-    def open_refusing_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", open_refusing_direct)
+def test_disk_probe_falls_back_to_buffered_when_o_direct_is_refused(tmp_path, refuse_o_direct) -> None:
     disk = probe_disk(tmp_path, size_bytes=2 * MIB)
     assert disk.direct is False
     assert disk.note is not None and "O_DIRECT refused" in disk.note

@@ -1,0 +1,399 @@
+"""The NVMe store's files: the asynchronous I/O engine (a thread pool over `os.pwritev`/`os.preadv`), swap directories.
+
+Each transfer of one file is cut into spans of `block_size * queue_depth` bytes; the spans go to a pool
+of `threads` workers, so up to `threads` system calls are in flight, each carrying `queue_depth`
+blocks that the kernel submits to the disk together. Files are opened with O_DIRECT where the
+filesystem accepts it (no page cache: the disk's own speed, and no second copy of the data in host
+memory); where it does not (EINVAL), with buffered I/O and a warning.
+
+O_DIRECT needs file offsets, lengths and memory addresses aligned to the disk's block size. Files are
+therefore padded to a multiple of `ALIGN` bytes, and a span whose memory is not page-aligned (a tensor
+from `torch.empty` starts 64 bytes into a page) or that holds the padded tail goes through a per-worker
+aligned bounce buffer. Tensors from `empty_host` or `tidal.offload.empty_aligned` skip that copy.
+
+DeepSpeed's libaio op is not used: its handle waits for all queued requests together, while tidal
+needs a handle per transfer, and that adapter cannot be tested here. `engine: aio` is refused with an
+explanation; `auto` means the thread pool.
+
+Each store works in its own swap directory, `<parent>/tidal-swap-<pid>-<random>/`, marked with the
+owner's pid, host and start time, so that a directory left by a process that crashed is recognised
+(and reported, never reused or deleted) when the next store opens in the same parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+
+from tidal.config import NvmeConfig
+from tidal.memory.probe import format_bytes
+from tidal.runtime.device import empty_host
+
+ALIGN = 4096
+"""File sizes, offsets and buffer addresses of O_DIRECT transfers are multiples of this, bytes."""
+SWAP_PREFIX = "tidal-swap-"
+"""Name prefix of the directory each NVMe store creates for its files."""
+OWNER_FILE = "owner.json"
+"""The marker in a swap directory: pid, host and start time of the process that owns it."""
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OffloadError(RuntimeError):
+    """An offload tier failed: the message names the file, the sizes involved and what to change."""
+
+
+class LeftoverSwapWarning(UserWarning):
+    """A swap directory left by a tidal process that is gone (it crashed or was killed)."""
+
+
+def padded_size(nbytes: int) -> int:
+    """Bytes a file of `nbytes` bytes of data takes on disk: `nbytes` rounded up to `ALIGN`."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes; keep `tensor` alive while it is used."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+class IoHandle:
+    """One file transfer under way. `wait()` returns None or raises its `OffloadError`."""
+
+    def __init__(self) -> None:
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._finished.set()
+
+
+class IoEngine:
+    """Reads and writes whole files from and to host tensors, asynchronously.
+
+    Args:
+        config: block size (bytes), queue depth (blocks per system call) and threads (workers).
+        directory: an existing directory on the filesystem the engine will work on; a probe file
+            created and removed there decides whether O_DIRECT is used.
+    Raises:
+        OffloadError: `config.engine` is "aio", or `directory` is not writable.
+    """
+
+    def __init__(self, config: NvmeConfig, directory: str) -> None:
+        if config.engine == "aio":
+            raise OffloadError(
+                "offload.nvme.engine='aio' (DeepSpeed's libaio op) is not supported by this version of tidal; "
+                "use engine 'threads' or 'auto' (both are the thread-pool engine)"
+            )
+        self.span_bytes = config.block_size * config.queue_depth
+        """Bytes per system call (one span), a multiple of `ALIGN`."""
+        self.direct, self.note = _probe_direct(directory)
+        """Whether files are opened with O_DIRECT; `note` says why not (None when they are)."""
+        if self.note is not None:
+            warnings.warn(self.note, stacklevel=3)
+        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tidal-nvme")
+        self._staging = threading.local()
+
+    def write(self, path: str, data: torch.Tensor) -> IoHandle:
+        """Write `data` into file `path`, padded with zeros to `ALIGN`.
+
+        An existing file is overwritten in place, its disk blocks reused (resized first when its size
+        differs): cheaper than freeing and allocating them again, especially where freeing discards.
+
+        Args:
+            path: the file to write, created when missing; on failure it is removed, so it either
+                holds all of `data` or does not exist.
+            data: a contiguous 1-D uint8 CPU tensor; it must not change until the handle finished.
+        Raises:
+            OffloadError: at once when the file cannot be created or its space reserved, otherwise
+                from the handle's `wait()`.
+        """
+        needed = padded_size(_check_bytes(data))
+        handle = self._open(path, os.O_WRONLY | os.O_CREAT, "creating", needed)
+        try:
+            if os.fstat(handle).st_size > needed:
+                os.ftruncate(handle, needed)
+            _reserve(handle, needed)
+        except OSError as exc:
+            os.close(handle)
+            _remove(path)
+            raise _io_error("reserving space for", path, exc, needed) from exc
+        return self._start(_Transfer(handle, path, data, writing=True))
+
+    def read(self, path: str, out: torch.Tensor) -> IoHandle:
+        """Read the first `out.numel()` bytes of file `path` into `out`.
+
+        Args:
+            path: a file written by `write` with exactly `out.numel()` bytes of data.
+            out: a contiguous 1-D uint8 CPU tensor that receives the bytes.
+        Raises:
+            OffloadError: at once when the file is missing or its size is not the padded size of
+                `out` (truncated or replaced), otherwise from the handle's `wait()`.
+        """
+        nbytes = _check_bytes(out)
+        handle = self._open(path, os.O_RDONLY, "opening", 0)
+        size = os.fstat(handle).st_size
+        if size != padded_size(nbytes):
+            os.close(handle)
+            raise OffloadError(
+                f"swap file {path!r} is {size} bytes, but {padded_size(nbytes)} were written ({nbytes} bytes of "
+                f"data padded to {ALIGN}); it was truncated or changed outside tidal and its content is lost: "
+                "write the tensor again, or resume from a checkpoint"
+            )
+        return self._start(_Transfer(handle, path, out, writing=False))
+
+    def close(self) -> None:
+        """Wait for the transfers under way and stop the workers."""
+        self._pool.shutdown(wait=True)
+
+    def _open(self, path: str, flags: int, action: str, needed: int) -> int:
+        flags |= os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
+        try:
+            return os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise _io_error(action, path, exc, needed) from exc
+
+    def _start(self, transfer: _Transfer) -> IoHandle:
+        nbytes = transfer.data.numel()
+        transfer.zero_copy = not self.direct or transfer.data.data_ptr() % ALIGN == 0
+        spans = range(0, padded_size(nbytes), self.span_bytes)
+        transfer.remaining = len(spans)
+        if not spans:
+            transfer.finish()
+        for offset in spans:
+            self._pool.submit(self._run_span, transfer, offset, min(self.span_bytes, padded_size(nbytes) - offset))
+        return transfer.handle
+
+    def _run_span(self, transfer: _Transfer, offset: int, length: int) -> None:
+        try:
+            if transfer.error is None:  # after a failure the remaining spans are skipped
+                self._move_span(transfer, offset, length)
+        except OSError as exc:
+            transfer.fail(_io_error(transfer.action, transfer.path, exc, transfer.needed))
+        except Exception as exc:  # anything else must still reach the waiter, or wait() would hang
+            transfer.fail(exc)
+        transfer.span_done()
+
+    def _move_span(self, transfer: _Transfer, offset: int, length: int) -> None:
+        data = transfer.data
+        end = min(offset + length, data.numel())
+        if transfer.zero_copy and end == offset + length:
+            _move_all(transfer, transfer.view[offset:end], offset)
+            return
+        stage, stage_view = self._stage()
+        if transfer.writing:
+            stage[: end - offset].copy_(data[offset:end])
+            stage[end - offset : length].zero_()
+            _move_all(transfer, stage_view[:length], offset)
+        else:
+            _move_all(transfer, stage_view[:length], offset)
+            data[offset:end].copy_(stage[: end - offset])
+
+    def _stage(self) -> tuple[torch.Tensor, memoryview]:
+        """This worker's aligned bounce buffer of one span, allocated on first use."""
+        if not hasattr(self._staging, "buffer"):
+            buffer = empty_host(self.span_bytes)
+            self._staging.buffer = (buffer, byte_view(buffer))
+        return self._staging.buffer
+
+
+class _Transfer:
+    """One file's transfer: its descriptor, its memory and how many spans are still under way."""
+
+    def __init__(self, handle: int, path: str, data: torch.Tensor, writing: bool) -> None:
+        self.fd = handle
+        self.path = path
+        self.data = data
+        self.view = byte_view(data)
+        self.writing = writing
+        self.action = "writing" if writing else "reading"
+        self.needed = padded_size(data.numel()) if writing else 0  # bytes added to the disk, for error messages
+        self.zero_copy = False
+        self.remaining = 0
+        self.error: BaseException | None = None
+        self.handle = IoHandle()
+        self._lock = threading.Lock()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self.error = self.error or error
+
+    def span_done(self) -> None:
+        with self._lock:
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self.finish()
+
+    def finish(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError as exc:  # some filesystems report delayed write errors at close
+            self.fail(_io_error(f"{self.action} (at close)", self.path, exc, self.needed))
+        if self.error is not None and self.writing:
+            _remove(self.path)
+        self.handle._finish(self.error)
+
+
+def _move_all(transfer: _Transfer, view: memoryview, offset: int) -> None:
+    """pwritev/preadv all of `view` at `offset`, continuing after short transfers."""
+    call = os.pwritev if transfer.writing else os.preadv
+    done = 0
+    while done < len(view):
+        moved = call(transfer.fd, [view[done:]], offset + done)
+        if moved == 0:
+            raise OSError(errno.EIO, f"file ended {offset + done} bytes in, before the data did")
+        done += moved
+
+
+def _check_bytes(tensor: torch.Tensor) -> int:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError(
+            f"the I/O engine moves contiguous 1-D uint8 CPU tensors, got {tensor.dtype} of shape "
+            f"{tuple(tensor.shape)} on {tensor.device}; pass tensor.reshape(-1).view(torch.uint8) of a CPU tensor"
+        )
+    return tensor.numel()
+
+
+def _reserve(handle: int, nbytes: int) -> None:
+    """Allocate the file's blocks up to `nbytes`, so that a full disk fails before any data moved."""
+    try:
+        if nbytes:
+            os.posix_fallocate(handle, 0, nbytes)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        # this filesystem cannot preallocate: blocks are then allocated as the spans land
+
+
+def _probe_direct(directory: str) -> tuple[bool, str | None]:
+    """Whether files in `directory` can be opened with O_DIRECT, and a note when they cannot."""
+    if not hasattr(os, "O_DIRECT"):
+        return False, "O_DIRECT is not offered on this OS; NVMe offload uses buffered I/O"
+    path = os.path.join(directory, f".tidal-direct-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise _io_error("creating", path, exc, 0) from exc
+        return False, (
+            f"the filesystem of {directory!r} refuses O_DIRECT ({exc.strerror}); NVMe offload uses buffered I/O "
+            "there, through the page cache: point the offload path at a local disk (ext4, xfs) for full speed"
+        )
+    _remove(path)
+    return True, None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _io_error(action: str, path: str, exc: OSError, needed: int) -> OffloadError:
+    """An OffloadError for `exc` raised while `action` file `path`; `needed`: bytes to write (0 for reads)."""
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    message = f"{action} {path!r} failed: {exc.strerror or exc} ({code})"
+    if needed:
+        try:
+            free = format_bytes(shutil.disk_usage(os.path.dirname(path)).free)
+        except OSError:
+            free = "unknown"
+        message += f"; {format_bytes(needed)} needed, {free} free there"
+    if exc.errno in _NO_SPACE:
+        fix = "point the offload path at a filesystem with more free space, or offload less at once (a smaller chunk)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "point the offload path at a directory this user can write"
+    else:
+        fix = "check the disk (dmesg) and the offload path, or point the offload path at another disk"
+    return OffloadError(f"{message}; {fix}")
+
+
+def create_swap_directory(parent: str) -> str:
+    """Create a new swap directory in `parent` (created when missing) and report the leftovers there.
+
+    Returns:
+        The new directory's absolute path, holding only its owner marker.
+    Raises:
+        OffloadError: `parent` cannot be created or written.
+    Warns:
+        LeftoverSwapWarning: for each swap directory in `parent` whose owner process on this host is gone.
+    """
+    parent = os.path.abspath(parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix=f"{SWAP_PREFIX}{os.getpid()}-", dir=parent)
+        _write_owner(directory)
+    except OSError as exc:
+        raise OffloadError(
+            f"cannot create a swap directory in {parent!r} ({exc.strerror}); "
+            "point the offload path at a writable directory on a local disk"
+        ) from exc
+    _report_leftovers(parent, directory)
+    return directory
+
+
+def _write_owner(directory: str) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": psutil.Process().create_time()}
+    with open(os.path.join(directory, OWNER_FILE), "w") as marker:
+        json.dump(owner, marker)
+
+
+def _report_leftovers(parent: str, own: str) -> None:
+    """Warn about each swap directory in `parent` whose owner process, on this host, is gone."""
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(SWAP_PREFIX) or path == own or not os.path.isdir(path):
+            continue
+        owner = _dead_owner(path)
+        if owner is None:
+            continue
+        files = [entry for entry in os.scandir(path) if entry.is_file() and entry.name != OWNER_FILE]
+        size = sum(entry.stat().st_size for entry in files)
+        warnings.warn(
+            LeftoverSwapWarning(
+                f"{path} holds {len(files)} swap files ({format_bytes(size)}) of tidal process {owner['pid']} on "
+                f"{owner['host']}, which is no longer running (it crashed or was killed). tidal does not reuse or "
+                f"delete it; remove it with `rm -rf {path}` once no job needs its content"
+            ),
+            stacklevel=4,
+        )
+
+
+def _dead_owner(path: str) -> dict[str, object] | None:
+    """The owner marker of swap directory `path` if its process is gone; None when alive or unknown."""
+    try:
+        with open(os.path.join(path, OWNER_FILE)) as marker:
+            owner = json.load(marker)
+        pid, host, started = int(owner["pid"]), owner["host"], float(owner["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no readable marker: not a directory tidal finished creating
+    if host != socket.gethostname():
+        return None  # another host's process cannot be checked from here
+    try:
+        alive = abs(psutil.Process(pid).create_time() - started) < 1.0  # same pid, same process (not a reuse)
+    except psutil.NoSuchProcess:
+        alive = False
+    except psutil.AccessDenied:
+        alive = True
+    return None if alive else owner
