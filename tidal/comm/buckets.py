@@ -64,6 +64,22 @@ def lay_out_segments(params: Sequence[torch.Tensor], world: int) -> tuple[list[l
     return offsets, max(fill)
 
 
+def copy_rows(
+    full: torch.Tensor, flat: torch.Tensor, offsets: list[int], segment: int, world: int, into_segments: bool
+) -> None:
+    """Copy each rank's row chunk of `full` into (or, with ``into_segments=False``, out of) the per-rank
+    segments of `flat`, at ``r * segment + offsets[r]`` for rank r (the layout of `lay_out_segments`)."""
+    rows = full.reshape(full.shape[0], -1)
+    for r, off in enumerate(offsets):
+        start, end = row_range(full.shape[0], world, r)
+        chunk = rows[start:end].reshape(-1)
+        base = r * segment + off
+        if into_segments:
+            flat[base : base + chunk.numel()].copy_(chunk)
+        else:
+            rows[start:end].view(-1).copy_(flat[base : base + chunk.numel()])
+
+
 @dataclass
 class Bucket:
     index: int
@@ -213,12 +229,7 @@ class GradientBuckets:
             send = torch.zeros(bucket.segment * self.world, dtype=bucket.params[0].dtype, device=_device(bucket))
             for p, offsets in zip(bucket.params, bucket.offsets, strict=True):
                 if p.grad is not None:
-                    rows = p.grad.reshape(p.shape[0], -1)
-                    for r, off in enumerate(offsets):
-                        start, end = row_range(p.shape[0], self.world, r)
-                        chunk = rows[start:end].reshape(-1)
-                        base = r * bucket.segment + off
-                        send[base : base + chunk.numel()].copy_(chunk)
+                    copy_rows(p.grad, send, offsets, bucket.segment, self.world, into_segments=True)
                     p.grad = None  # ZeRO-2: the full gradient is not kept once it is on its way
             bucket.buffer = torch.empty(bucket.segment, dtype=send.dtype, device=send.device)
             bucket.work = dist.reduce_scatter_tensor(bucket.buffer, send, group=self.group, async_op=True)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from tidal.comm.buckets import GradientBuckets, lay_out_segments, row_range
+from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
 from tidal.parallel.topology import Topology
 
@@ -97,6 +97,19 @@ class DataParallel:
         with torch.no_grad():
             for t in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(t.data, src=src, group=self.group)
+
+
+def _chunks(params: list[torch.nn.Parameter], limit_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive groups of `params` of about `limit_bytes` each (at least one parameter per group)."""
+    groups: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if groups[-1] and size >= limit_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel() * p.element_size()
+    return [g for g in groups if g]
 
 
 def _sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -175,26 +188,13 @@ class ShardedOptimizer(DataParallel):
         return total, self.group
 
     def after_step(self) -> None:
-        params = list(self.shards)
-        works = []
-        start_idx = 0
-        while start_idx < len(params):
-            chunk, size = [], 0
-            while start_idx < len(params) and (not chunk or size < self.bucket_bytes):
-                chunk.append(params[start_idx])
-                size += params[start_idx].numel() * params[start_idx].element_size()
-                start_idx += 1
-            works.append(self._launch_gather(chunk))
+        works = [self._launch_gather(chunk) for chunk in _chunks(list(self.shards), self.bucket_bytes)]
         with torch.no_grad():
             for chunk, offsets, segment, out, work, record in works:
                 with record.blocked() if record is not None else contextlib.nullcontext():
                     work.wait()
                 for p, starts in zip(chunk, offsets, strict=True):
-                    rows = p.data.view(p.shape[0], -1)
-                    for r, off in enumerate(starts):
-                        start, end = row_range(p.shape[0], self.world, r)
-                        n = (end - start) * rows.shape[1]
-                        rows[start:end].view(-1).copy_(out[r * segment + off : r * segment + off + n])
+                    copy_rows(p.data, out, starts, segment, self.world, into_segments=False)
 
     def _launch_gather(self, chunk: list[torch.nn.Parameter]):
         offsets, segment = lay_out_segments(chunk, self.world)
