@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import os
 import statistics
-import tempfile
 import threading
 import time
 from collections import deque
@@ -38,9 +35,8 @@ import psutil
 from tidal.config import LoggingConfig
 from tidal.memory.probe import format_bytes
 from tidal.runtime.device import Device, memory_stats
+from tidal.runtime.trace import Event, chrome_trace, trace_path, track_id, write_json_atomically
 
-TRACKS = ("compute", "comm", "copy")
-"""Trace tracks, in display order; a track's index is its trace thread id (tid)."""
 DEFAULT_MAX_TRACE_EVENTS = 200_000
 """Trace events kept in memory, count; past it the oldest are dropped (~30 MB at the cap)."""
 DEVICE_TIER = "device"
@@ -52,8 +48,6 @@ _BAR_WIDTH = 20
 
 Clock = Callable[[], int]
 """A monotonic clock in integer nanoseconds, like `time.perf_counter_ns`."""
-_Event = tuple[str, int, int, int, dict[str, int] | None]
-"""(name, tid, start ns, duration ns, args or None): a trace event, kept compact until written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +161,13 @@ class StepMetrics:
         self.rank = rank
         self.config = config
         self.total_steps = total_steps
-        self.trace_path = _trace_path(config.trace, rank, world) if config.trace else None
+        self.trace_path = trace_path(config.trace, rank, world) if config.trace else None
         self.history: list[StepRecord] = []
         self._device = device
         self._clock = clock
         self._max_trace_events = max_trace_events
         self._lock = threading.Lock()
-        self._events: deque[_Event] | None = deque(maxlen=max_trace_events) if config.trace else None
+        self._events: deque[Event] | None = deque(maxlen=max_trace_events) if config.trace else None
         self._dropped_events = 0
         self._pending_comm: list[CommRecord] = []
         self._memory_sources: dict[str, Callable[[], int]] = {}
@@ -200,7 +194,7 @@ class StepMetrics:
         Raises:
             ValueError: `track` is not one of `TRACKS`.
         """
-        tid = _track_id(track)
+        tid = track_id(track)
         if self._events is None:
             yield
             return
@@ -268,7 +262,7 @@ class StepMetrics:
             skipped=self._skipped,
             skipped_total=self._skipped_total,
         )
-        self._add_event(f"step {step}", _track_id("compute"), self._step_start_ns, now)
+        self._add_event(f"step {step}", track_id("compute"), self._step_start_ns, now)
         self.history.append(record)
         if self._due(step):
             print(self._line(record), flush=True)
@@ -289,9 +283,9 @@ class StepMetrics:
             done_ns, waits = finished
             total_ns += max(0, done_ns - record.launched_ns)
             exposed_ns += sum(end - start for start, end in waits)
-            self._add_event(record.name, _track_id("comm"), record.launched_ns, done_ns, {"bytes": record.nbytes})
+            self._add_event(record.name, track_id("comm"), record.launched_ns, done_ns, {"bytes": record.nbytes})
             for start, end in waits:
-                self._add_event(f"wait {record.name}", _track_id("compute"), start, end)
+                self._add_event(f"wait {record.name}", track_id("compute"), start, end)
         with self._lock:
             self._pending_comm[:0] = running  # before any launched meanwhile, keeping launch order
         return total_ns / 1e9, exposed_ns / 1e9
@@ -374,51 +368,9 @@ class StepMetrics:
             return None
         with self._lock:
             events, dropped = list(self._events), self._dropped_events
-        pid = self.rank
-        tracks = [
-            {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": track}}
-            for tid, track in enumerate(TRACKS)
-        ]
-        # ts/dur in microseconds; perf_counter is one clock per host, so the ranks of one host line up
-        spans = [
-            dict(name=name, cat=TRACKS[tid], ph="X", pid=pid, tid=tid, ts=start / 1000, dur=dur / 1000, args=args or {})
-            for name, tid, start, dur, args in events
-        ]
-        trace = {
-            "traceEvents": [
-                {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"rank {pid}"}},
-                *tracks,
-                *spans,
-            ],
-            "displayTimeUnit": "ms",
-            "otherData": {"rank": pid, "max_events": self._max_trace_events, "dropped_oldest_events": dropped},
-        }
-        path = self.trace_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(trace, file)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
-            raise
-        return path
-
-
-def _track_id(track: str) -> int:
-    if track not in TRACKS:
-        raise ValueError(f"trace track {track!r} is not one of {', '.join(TRACKS)}; pick one of them")
-    return TRACKS.index(track)
-
-
-def _trace_path(template: str, rank: int, world: int) -> Path:
-    """`template` with "{rank}" replaced by the rank; else ".rank{r}" before the suffix when world > 1."""
-    if "{rank}" in template:
-        return Path(template.replace("{rank}", str(rank)))
-    path = Path(template)
-    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}") if world > 1 else path
+        trace = chrome_trace(events, self.rank, self._max_trace_events, dropped)
+        write_json_atomically(self.trace_path, trace)
+        return self.trace_path
 
 
 def _rate(count: int | None, seconds: float) -> float | None:

@@ -13,7 +13,8 @@ import pytest
 from tidal.config import LoggingConfig
 from tidal.runtime import metrics as metrics_module
 from tidal.runtime.device import Device, memory_stats
-from tidal.runtime.metrics import RSS_TIER, TRACKS, StepMetrics
+from tidal.runtime.metrics import RSS_TIER, StepMetrics
+from tidal.runtime.trace import TRACKS
 
 
 class FakeClock:
