@@ -21,7 +21,6 @@ import atexit
 import contextlib
 import functools
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -299,36 +298,26 @@ class Engine:
 
 
 class CommWatch:
-    """Tells a collective's metrics record when it completed and how long its wait blocked.
+    """Tells a collective's metrics record how long its wait blocked and when it was seen complete.
 
-    Completion comes from the work's future; gloo's reduce_scatter has none, so there completion is
-    seen at the wait (already done: counted hidden, though its end time is then an upper bound).
+    Completion is observed at the wait, not through the work's future: a collective already done
+    when its wait comes counts as hidden (its end time is then an upper bound). Future callbacks run
+    Python on the backend's own threads, which gloo's reduce_scatter does not even offer.
     """
 
     def __init__(self, record: CommRecord, work: dist.Work) -> None:
         self.record = record
         self.work = work
-        self._done = False
-        self._lock = threading.Lock()
-        with contextlib.suppress(RuntimeError):  # no future on this backend/collective
-            work.get_future().then(lambda _: self._complete())
-
-    def _complete(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-        self.record.completed()
 
     @contextlib.contextmanager
     def blocked(self) -> Iterator[None]:
         if self.work.is_completed():
-            self._complete()
+            self.record.completed()
             yield
             return
         with self.record.blocked():
             yield
-        self._complete()
+        self.record.completed()
 
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
