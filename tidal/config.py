@@ -114,8 +114,8 @@ class OptimizerOffloadConfig(_Section):
     """Tier holding optimizer state: none (device), cpu or nvme; default none."""
     path: str | None = None
     """Directory for NVMe swap files, needed when device is nvme; default None."""
-    chunk_mb: _Positive = 64
-    """Optimizer state moved and updated per chunk, MiB; default 64."""
+    chunk_mb: _PositiveFloat = 64.0
+    """Optimizer state moved and updated per chunk, MiB; default 64.0."""
     ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     """Share of optimizer chunks kept and updated on the device, 0..1; default 0.0."""
 

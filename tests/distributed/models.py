@@ -94,12 +94,12 @@ def train_step(model, opt, ids: torch.Tensor, rank: int, world: int, scheduler=N
     return total.item() / world
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW with two param groups (decay / no decay), as real training scripts build it."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3, fused=fused
     )
 
 
@@ -113,11 +113,16 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_run(
-    steps: int, global_batch: int, accumulation: int = 1, clip: float | None = None, model_name: str = "gpt2"
+    steps: int,
+    global_batch: int,
+    accumulation: int = 1,
+    clip: float | None = None,
+    model_name: str = "gpt2",
+    fused: bool | None = None,
 ):
-    """Plain single-process PyTorch: losses per step and final parameters."""
+    """Plain single-process PyTorch: losses per step and final parameters (`fused`: AdamW's fused kernel)."""
     model = MODELS[model_name]()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, fused)
     losses = []
     for ids in batches(steps, global_batch):
         step_loss = 0.0

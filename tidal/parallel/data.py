@@ -19,7 +19,7 @@ any stage and data-parallel size loads under any other.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -79,14 +79,22 @@ class DataParallel:
         """id(optimizer param) -> the model parameter name it stands for."""
         return {id(p): name for name, p in self.model.named_parameters()}
 
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The optimizer's per-parameter state by parameter name (sharded rows as DTensors)."""
+    def optimizer_state(
+        self, state: Mapping[torch.Tensor, dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer's per-parameter state by parameter name (sharded rows as DTensors).
+
+        Args:
+            state: the state by optimizer parameter when it is kept elsewhere (offloaded); default:
+                the optimizer's own.
+        """
+        state = self.optimizer.state if state is None else state
         names = self.optimizer_param_names()
         return {
-            names[id(p)]: {k: self._global_view(p, v) for k, v in self.optimizer.state[p].items()}
+            names[id(p)]: {k: self._global_view(p, v) for k, v in state[p].items()}
             for g in self.optimizer.param_groups
             for p in g["params"]
-            if p in self.optimizer.state
+            if p in state
         }
 
     def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -268,6 +276,14 @@ class FullyShardedFSDP2(DataParallel):
 
     def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
         return _sq_sum(self.optimizer_grads()), self.group
+
+    def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if isinstance(value, DTensor) or not isinstance(param, DTensor) or value.dim() == 0:
+            return value
+        # offloaded state is kept as this rank's local shard: present it as the parameter is
+        return DTensor.from_local(
+            value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from tidal.config import Config
+from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from tidal.parallel.data import apply_data_parallel
 from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
@@ -69,6 +70,7 @@ class Engine:
         if config.logging.trace:
             atexit.register(self.metrics.write_trace)
         self.dp = apply_data_parallel(model, optimizer, self.topology, config, on_comm=self._observe_comm)
+        self.optimizer_offload: OffloadedOptimizer | None = offload_optimizer(optimizer, config.offload)
         self.global_step = 0
         self.micro_step = 0
         self._no_sync = False
@@ -160,6 +162,13 @@ class Engine:
             self.dp.drop_grads()
             self.metrics.observe_skipped_step()
             return
+        self._clip_gradients()
+        if self.optimizer_offload is not None:
+            with self.metrics.span("offloaded update"):
+                self.optimizer_offload.step()
+            self.dp.drop_grads()  # the user's optimizer.step() that follows finds nothing left to do
+
+    def _clip_gradients(self) -> None:
         clip = self.config.train.gradient_clipping
         if clip is None and not self._logging_step(self.global_step + 1):
             return  # the norm costs a pass over every gradient and a collective: only when it is used
@@ -240,8 +249,12 @@ class Engine:
             raise ValueError("no checkpoint directory: pass one to save()/load() or set checkpoint.dir")
         return Path(root)
 
-    def _tensor_state(self) -> dict:
-        return {"model": self.model.state_dict(), "optim": {"state": self.dp.optimizer_state()}}
+    def _tensor_state(self, offloaded: dict | None = None) -> dict:
+        return {"model": self.model.state_dict(), "optim": {"state": self.dp.optimizer_state(offloaded)}}
+
+    def _offloaded_state(self) -> dict | None:
+        """The offloaded optimizer's state by parameter (NVMe chunks read into memory), or None."""
+        return None if self.optimizer_offload is None else dict(self.optimizer_offload.state_by_param())
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write a checkpoint of everything needed to resume (collective: every rank calls it)."""
@@ -255,7 +268,11 @@ class Engine:
             "config": self.config.to_dict(),
         }
         return checkpoint.save_checkpoint(
-            self._root(path), self.global_step, self._tensor_state(), extras, keep=self.config.checkpoint.keep
+            self._root(path),
+            self.global_step,
+            self._tensor_state(self._offloaded_state()),
+            extras,
+            keep=self.config.checkpoint.keep,
         )
 
     def load(self, path: str | os.PathLike | None = None) -> int:
@@ -263,7 +280,10 @@ class Engine:
 
         The checkpoint may come from another data-parallel size or ZeRO stage."""
         self._create_optimizer_state()
-        extras = checkpoint.load_checkpoint(self._root(path), self._tensor_state())
+        offloaded = self._offloaded_state()
+        extras = checkpoint.load_checkpoint(self._root(path), self._tensor_state(offloaded))
+        if self.optimizer_offload is not None:
+            self.optimizer_offload.load_state(offloaded)
         self.global_step = int(extras["step"])
         rng.restore_rng(extras["rng"])
         for group, saved in zip(self.optimizer.param_groups, extras["param_groups"], strict=False):
@@ -277,6 +297,10 @@ class Engine:
     def _create_optimizer_state(self) -> None:
         """Make the optimizer allocate its state (a step at lr 0 on zero gradients) so there is something
         to load into; the parameters do not move."""
+        if self.optimizer_offload is not None:
+            if not self.optimizer_offload.has_state():
+                self.optimizer_offload.create_state()
+            return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if all(p in self.optimizer.state for p in params):
             return

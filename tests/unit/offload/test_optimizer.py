@@ -1,0 +1,165 @@
+"""The offloaded optimizer against the same torch optimizer with its state in memory.
+
+The host chunks run the fused CPU kernel where the class has one, so the reference does too (the
+fused and per-tensor kernels round differently, and Adam's division by sqrt(v) + eps magnifies that
+to 3e-5 in 4 steps); with the same kernel the results are bit-identical.
+"""
+
+import errno
+import os
+import shutil
+
+import pytest
+import torch
+
+from tidal.config import Config
+from tidal.offload import OffloadError
+from tidal.offload.optimizer import OffloadedOptimizer, fused_on_cpu, offload_optimizer
+
+STEPS = 4
+TOL = 0.0
+OPTIONS = {
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5}),
+}
+
+
+def _optimizer(name: str):
+    cls, options = OPTIONS[name]
+    kernel = {"fused": True} if fused_on_cpu(cls) else {}
+    return lambda params: cls(params, **options, **kernel)
+
+
+OPTIMIZERS = {name: _optimizer(name) for name in OPTIONS}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32), torch.nn.LayerNorm(32)
+    )
+
+
+def _data() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 32, generator=gen) for _ in range(STEPS)]
+
+
+def _offload(opt: torch.optim.Optimizer, tier: str, path, ratio: float = 0.0) -> OffloadedOptimizer:
+    section = {"device": tier, "path": str(path), "chunk_mb": 0.02, "ratio": ratio}
+    offload = offload_optimizer(opt, Config.load({"offload": {"optimizer": section}}).offload)
+    assert offload is not None
+    return offload
+
+
+def _train(make_opt, offload_tier: str | None, path, ratio: float = 0.0, lr_decay: bool = False):
+    model = _model()
+    opt = make_opt(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)) if lr_decay else None
+    offload = _offload(opt, offload_tier, path, ratio) if offload_tier else None
+    losses = []
+    for x in _data():
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        if offload is not None:
+            offload.step()
+            opt.zero_grad()  # the user's own step then finds nothing to do
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    return losses, [p.detach().clone() for p in model.parameters()], offload
+
+
+def _assert_same(result, reference) -> None:
+    assert result[0] == pytest.approx(reference[0], abs=TOL)
+    for got, want in zip(result[1], reference[1], strict=True):
+        assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_matches_the_in_memory_optimizer(tmp_path, name, tier) -> None:
+    reference = _train(OPTIMIZERS[name], None, tmp_path)
+    result = _train(OPTIMIZERS[name], tier, tmp_path)
+    _assert_same(result, reference)
+    offload = result[2]
+    assert len(offload.chunks) >= 3, "the test must cover several chunks"
+    assert not any(offload.optimizer.state.values()), "the user's optimizer must not have stepped on its own"
+    if tier == "nvme":
+        assert offload.store.nbytes() > 0
+        held = sum(t.numel() for _, entry in offload.state_by_param() for t in entry.values() if t.dim() > 0)
+        params = sum(p.numel() for p in result[1])
+        assert held >= params, "every parameter's state lives in the store"
+        assert all(not chunk.optimizer.state for chunk in offload.chunks), "no state left in memory between steps"
+    offload.close()
+
+
+def test_ratio_keeps_a_share_of_chunks_on_the_device_and_follows_the_lr_schedule(tmp_path) -> None:
+    reference = _train(OPTIMIZERS["adamw"], None, tmp_path, lr_decay=True)
+    result = _train(OPTIMIZERS["adamw"], "nvme", tmp_path, ratio=0.5, lr_decay=True)
+    _assert_same(result, reference)
+    tiers = [chunk.tier for chunk in result[2].chunks]
+    assert tiers.count("device") == round(len(tiers) * 0.5) and "nvme" in tiers
+    result[2].close()
+
+
+def test_state_round_trips_through_load_state(tmp_path) -> None:
+    _, _, offload = _train(OPTIMIZERS["adamw"], "nvme", tmp_path)
+    saved = {p: {k: v.clone() for k, v in entry.items()} for p, entry in offload.state_by_param()}
+    zeroed = {p: {k: torch.zeros_like(v) for k, v in entry.items()} for p, entry in saved.items()}
+    offload.load_state(zeroed)
+    assert all(v.abs().sum() == 0 for _, entry in offload.state_by_param() for v in entry.values())
+    offload.load_state(saved)
+    for p, entry in offload.state_by_param():
+        for k, v in entry.items():
+            assert torch.equal(v, saved[p][k]), k
+    offload.close()
+
+
+def test_full_disk_during_a_step_raises_and_keeps_the_previous_state(tmp_path, monkeypatch) -> None:
+    model = _model()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    offload = _offload(opt, "nvme", tmp_path)
+    for x in _data()[:2]:
+        model(x).pow(2).mean().backward()
+        offload.step()
+        opt.zero_grad()
+    before = {p: {k: v.clone() for k, v in entry.items()} for p, entry in offload.state_by_param()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", no_space)
+    model(_data()[2]).pow(2).mean().backward()
+    with pytest.raises(OffloadError, match="ENOSPC"):
+        offload.step()
+    monkeypatch.undo()
+    after = dict(offload.state_by_param())
+    for p, entry in before.items():
+        for k, v in entry.items():
+            assert torch.equal(after[p][k], v), f"{k} changed although its write failed"
+    offload.close()
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch) -> None:
+    opt = OPTIMIZERS["adamw"](_model().parameters())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(1024))
+    with pytest.raises(OffloadError, match=r"has 1.0 KiB free.*needs about .*offload.optimizer.device=cpu"):
+        _offload(opt, "nvme", tmp_path)
+    assert not list(tmp_path.iterdir()), "the refused store removed its directory"
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+
+def test_close_removes_the_swap_files(tmp_path) -> None:
+    _, _, offload = _train(OPTIMIZERS["sgd"], "nvme", tmp_path)
+    assert any(tmp_path.rglob("*.swap"))
+    offload.close()
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,470 @@
+"""Optimizer state on the CPU or NVMe, updated chunk by chunk in a read / update / write pipeline.
+
+    offload = OffloadedOptimizer(optimizer, config.offload, nvme_store)
+    ...                                    # backward has left gradients on the optimizer's parameters
+    offload.step()                         # updates every parameter; the user's optimizer then finds no grads
+
+The optimizer's parameters are cut into chunks of about `offload.optimizer.chunk_mb` of optimizer
+state. Each chunk is updated by its own instance of the user's optimizer class, with the user's
+hyperparameters copied in before every step (so learning-rate schedules apply), running on the host
+with the fastest kernel this torch offers for it (the fused CPU kernel where the class has one: 4-9x
+faster than the per-tensor loop for AdamW, measured in `benchmarks/offload_overlap.py`).
+
+Where a chunk's state lives, chosen per chunk:
+
+- **device** (the first `ratio` share of chunks): state next to the parameters, updated there with
+  the user's own options: nothing moves.
+- **cpu**: state (and an fp32 master copy, when the parameters are not fp32 host tensors) stays in
+  host memory; gradients come to the host and updated parameters go back.
+- **nvme**: state and master copy live in one file per chunk. While chunk i is updated, chunks i+1
+  and i+2 are being read and chunk i-1 written, through a ring of `READ_AHEAD + 2` host staging
+  buffers, so the step costs about max(update, I/O), not their sum.
+
+Optimizers whose state is per-parameter tensors of the parameter's shape plus scalars work (AdamW,
+Adam, SGD with momentum, Adagrad, RMSprop, ...); other state tensors are kept in host memory as they
+are. A failed write raises `OffloadError` at the end of the step; the chunk's file keeps the state of
+the previous step, so resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from tidal.config import OffloadConfig
+from tidal.memory.probe import format_bytes
+from tidal.offload.nvme import OffloadError
+from tidal.offload.store import NvmeStore, Store, empty_aligned
+from tidal.runtime.device import Handle, copy_async
+
+READ_AHEAD = 2
+"""Chunks whose reads are under way while one chunk is updated."""
+ALIGN_BYTES = 64
+"""Alignment of each tensor inside a chunk's file, bytes (any dtype's itemsize divides it)."""
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor` (a DTensor's local shard), detached, sharing its storage."""
+    with torch.no_grad():
+        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
+
+
+@functools.cache
+def fused_on_cpu(optimizer_class: type[torch.optim.Optimizer]) -> bool:
+    """Whether `optimizer_class(..., fused=True)` steps fp32 CPU tensors in this torch (tried once)."""
+    probe = torch.zeros(1)
+    probe.grad = torch.zeros(1)
+    try:
+        optimizer_class([probe], fused=True).step()
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class _Segment:
+    """Where one tensor sits in a chunk's flat byte buffer."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass
+class _Chunk:
+    """Consecutive optimizer parameters updated together by one optimizer instance."""
+
+    index: int
+    tier: str
+    params: list[torch.Tensor]
+    groups: list[int]
+    """Index in the user's param_groups of each parameter."""
+    masters: list[torch.Tensor | None]
+    """Host fp32 copies of parameters that are not fp32 host tensors (cpu tier; nvme keeps them in the file)."""
+    optimizer: torch.optim.Optimizer | None = None
+    scalars: list[dict[str, object]] = field(default_factory=list)
+    """Per parameter: the state that does not live in the chunk's file (Python numbers, odd-shaped tensors)."""
+    layout: dict[tuple[int, str], _Segment] = field(default_factory=dict)
+    """(parameter, state name or "master") -> its place in the file; empty until the first step (nvme)."""
+    nbytes: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"chunk{self.index}"
+
+
+class _Staging:
+    """One host buffer a chunk's file is read into, updated in and written from; reused round-robin."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.pending: list[Handle[object]] = []
+
+    def settle(self) -> None:
+        """Wait for the transfers still using the buffer; the first failure is raised after all finished."""
+        pending, self.pending = self.pending, []
+        errors = []
+        for handle in pending:
+            try:
+                handle.wait()
+            except Exception as exc:  # noqa: BLE001 - every transfer must finish before the buffer is reused
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def reserve(self, nbytes: int) -> torch.Tensor:
+        if self.buffer.numel() < nbytes:
+            self.buffer = empty_aligned((nbytes,), torch.uint8)
+        return self.buffer[:nbytes]
+
+
+class OffloadedOptimizer:
+    """Runs the update of `optimizer`'s parameters with their state on the offload tier.
+
+    Args:
+        optimizer: the user's optimizer, already pointed at the parameters this rank updates
+            (ZeRO shards or DTensors). Its own state stays empty: call `step()` before its step and
+            leave it no gradients.
+        config: the offload section (tier, chunk size, device ratio).
+        store: where nvme chunks live; None unless `config.optimizer.device` is nvme.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OffloadConfig, store: Store | None) -> None:
+        self.optimizer = optimizer
+        self.store = store
+        self.tier = config.optimizer.device
+        if self.tier == "nvme" and store is None:
+            raise ValueError("offload.optimizer.device=nvme needs a store: pass an NvmeStore on offload.optimizer.path")
+        self.chunks = self._make_chunks(config.optimizer.chunk_mb * 2**20, config.optimizer.ratio)
+        optimizer.state.clear()  # state a constructor made (Adagrad's) is remade per chunk on its tier
+        self.staging = [_Staging() for _ in range(READ_AHEAD + 2)]
+
+    # -- layout -------------------------------------------------------------------------------------
+
+    def _make_chunks(self, chunk_bytes: float, ratio: float) -> list[_Chunk]:
+        entries = [(p, g) for g, group in enumerate(self.optimizer.param_groups) for p in group["params"]]
+        per_element = 4 * (_state_slots(self.optimizer) + 1)  # fp32 state slots plus the master copy
+        cuts: list[list[tuple[torch.Tensor, int]]] = [[]]
+        size = 0
+        for p, g in entries:
+            if cuts[-1] and size >= chunk_bytes:
+                cuts.append([])
+                size = 0
+            cuts[-1].append((p, g))
+            size += local(p).numel() * per_element
+        cuts = [c for c in cuts if c]
+        on_device = round(ratio * len(cuts))
+        chunks = []
+        for i, cut in enumerate(cuts):
+            tier = "device" if i < on_device else self.tier
+            params = [p for p, _ in cut]
+            masters = [self._master(p) if tier == "cpu" else None for p in params]
+            chunks.append(_Chunk(i, tier, params, [g for _, g in cut], masters, scalars=[{} for _ in params]))
+        return chunks
+
+    @staticmethod
+    def _master(param: torch.Tensor) -> torch.Tensor | None:
+        shard = local(param)
+        if shard.device.type == "cpu" and shard.dtype == torch.float32:
+            return None  # the parameter itself is updated in place
+        return empty_aligned(shard.shape, torch.float32).copy_(shard)
+
+    # -- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient; device chunks first (their kernels run async)."""
+        self._run(zero_grads=False)
+
+    def create_state(self) -> None:
+        """Give every parameter its optimizer state (a step at learning rate 0 on zero gradients)."""
+        self._run(zero_grads=True)
+
+    def _run(self, zero_grads: bool) -> None:
+        for chunk in self.chunks:
+            if chunk.tier == "device":
+                self._update(chunk, [local(p) for p in chunk.params], self._grads(chunk, zero_grads), zero_grads)
+        tiered = [c for c in self.chunks if c.tier != "device"]
+        started = 0
+        errors: list[BaseException] = []
+        try:
+            for i, chunk in enumerate(tiered):
+                while started < len(tiered) and started <= i + READ_AHEAD:
+                    self._start_read(tiered[started], self.staging[started % len(self.staging)])
+                    started += 1
+                self._update_tiered(chunk, self.staging[i % len(self.staging)], zero_grads)
+        finally:
+            for staging in self.staging:
+                try:
+                    staging.settle()
+                except Exception as exc:  # noqa: BLE001 - report the first failure once every transfer ended
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _start_read(self, chunk: _Chunk, staging: _Staging) -> None:
+        staging.settle()  # the chunk that used this buffer before has been written
+        if chunk.tier == "nvme" and chunk.layout:
+            staging.pending.append(self.store.read(chunk.key, out=staging.reserve(chunk.nbytes)))
+
+    def _update_tiered(self, chunk: _Chunk, staging: _Staging, zero_grads: bool) -> None:
+        staging.settle()
+        nvme = chunk.tier == "nvme"
+        buffer = staging.reserve(chunk.nbytes)
+        works = []
+        for j, p in enumerate(chunk.params):
+            if nvme and (j, "master") in chunk.layout:
+                works.append(chunk.layout[j, "master"].view(buffer))
+            elif nvme:
+                master = self._master(p)  # first step: a master copy, if needed, is born here
+                works.append(local(p) if master is None else master)
+            else:
+                master = chunk.masters[j]
+                works.append(local(p) if master is None else master)
+        grads = self._grads(chunk, zero_grads)
+        self._update(chunk, works, grads, zero_grads, buffer if nvme else None)
+        for p, work in zip(chunk.params, works, strict=True):
+            shard = local(p)
+            if work.data_ptr() != shard.data_ptr():
+                staging.pending.append(copy_async(shard, work))
+        if nvme:
+            self._write(chunk, works, staging)
+
+    def _grads(self, chunk: _Chunk, zero: bool) -> list[torch.Tensor | None]:
+        grads = []
+        for p in chunk.params:
+            shard = local(p)
+            if zero:
+                grads.append(torch.zeros_like(shard) if chunk.tier == "device" else torch.zeros(shard.shape))
+                continue
+            grad = None if p.grad is None else local(p.grad)
+            host = chunk.tier != "device"
+            if grad is not None and host and (grad.device.type != "cpu" or grad.dtype != torch.float32):
+                grad = grad.to("cpu", torch.float32)
+            grads.append(grad)
+        return grads
+
+    def _update(
+        self,
+        chunk: _Chunk,
+        works: list[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        zero_grads: bool,
+        buffer: torch.Tensor | None = None,
+    ) -> None:
+        """One optimizer step of `chunk` on `works` (the tensors updated in place), state bound from
+        `buffer` (nvme) or kept in the chunk's optimizer."""
+        if chunk.optimizer is None:
+            chunk.optimizer = self._chunk_optimizer(chunk, works)
+        opt = chunk.optimizer
+        for work, grad in zip(works, grads, strict=True):
+            work.grad = None if grad is None else grad.to(work.dtype)
+        by_group: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for work, g in zip(works, chunk.groups, strict=True):
+            by_group[g].append(work)
+        for group, g in zip(opt.param_groups, sorted(by_group), strict=True):
+            user = self.optimizer.param_groups[g]
+            group.update({k: v for k, v in user.items() if k != "params" and k not in _KERNEL_OPTIONS})
+            group["params"] = by_group[g]
+            if zero_grads:
+                group["lr"] = 0.0 if not isinstance(user["lr"], torch.Tensor) else torch.zeros_like(user["lr"])
+        state = opt.state
+        previous = list(state.values())
+        state.clear()
+        for j, work in enumerate(works):
+            if chunk.tier == "nvme" and chunk.layout:
+                bound = dict(chunk.scalars[j])
+            else:  # in memory, or state the optimizer's constructor made (Adagrad's)
+                bound = dict(previous[j]) if j < len(previous) else {}
+            if buffer is not None:
+                for (k, name), segment in chunk.layout.items():
+                    if k == j and name != "master":
+                        bound[name] = segment.view(buffer)
+            if bound:
+                state[work] = bound
+        opt.step()
+        for work in works:
+            work.grad = None
+        if chunk.tier != "nvme":
+            # keep state in parameter order even for parameters that got no state yet
+            kept = [state.get(work, {}) for work in works]
+            state.clear()
+            for work, entry in zip(works, kept, strict=True):
+                state[work] = entry
+
+    def _chunk_optimizer(self, chunk: _Chunk, works: list[torch.Tensor]) -> torch.optim.Optimizer:
+        cls = type(self.optimizer)
+        groups = []
+        for g in sorted(set(chunk.groups)):
+            options = {k: v for k, v in self.optimizer.param_groups[g].items() if k != "params"}
+            if chunk.tier != "device":
+                options.update(_host_kernel(cls, options))
+            groups.append({**options, "params": [w for w, k in zip(works, chunk.groups, strict=True) if k == g]})
+        return cls(groups)
+
+    def _write(self, chunk: _Chunk, works: list[torch.Tensor], staging: _Staging) -> None:
+        """Pack the chunk's state (and master copies) into the staging buffer and start writing it."""
+        state = chunk.optimizer.state
+        tensors: dict[tuple[int, str], torch.Tensor] = {}
+        for j, (p, work) in enumerate(zip(chunk.params, works, strict=True)):
+            entry = state.get(work, {})
+            chunk.scalars[j] = {}
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.shape in (work.shape, torch.Size()):
+                    tensors[j, name] = value
+                else:
+                    chunk.scalars[j][name] = value
+            if work.data_ptr() != local(p).data_ptr():
+                tensors[j, "master"] = work
+        layout = _lay_out(tensors)
+        if layout != chunk.layout:
+            # the first step (or a parameter's first gradient): tensors get new places, which may overlap
+            # the old ones, so they move through copies
+            tensors = {key: t.clone() for key, t in tensors.items()}
+            chunk.layout = layout
+            chunk.nbytes = max((s.offset + s.nbytes for s in layout.values()), default=0)
+        buffer = staging.reserve(chunk.nbytes)
+        for key, tensor in tensors.items():
+            place = layout[key].view(buffer)
+            if place.data_ptr() != tensor.data_ptr():  # an optimizer that replaced a state tensor, or a new layout
+                place.copy_(tensor)
+        state.clear()
+        staging.pending.append(self.store.write(chunk.key, staging.reserve(chunk.nbytes)))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def state_by_param(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """(parameter, its state) for every parameter with state; nvme chunks are read one at a time into
+        fresh memory (the caller may keep what it is given)."""
+        for chunk in self.chunks:
+            if chunk.tier != "nvme":
+                state = chunk.optimizer.state if chunk.optimizer is not None else {}
+                for p, entry in zip(chunk.params, state.values(), strict=False):
+                    if entry:
+                        yield p, dict(entry)
+                continue
+            if not chunk.layout:
+                continue
+            buffer = self.store.read(chunk.key).wait()
+            for j, p in enumerate(chunk.params):
+                entry = dict(chunk.scalars[j])
+                for (k, name), segment in chunk.layout.items():
+                    if k == j and name != "master":
+                        entry[name] = segment.view(buffer)
+                if entry:
+                    yield p, entry
+
+    def load_state(self, state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """Copy `state` (as `state_by_param` yields it, for this rank's parameters) into the tier."""
+        for chunk in self.chunks:
+            if chunk.tier != "nvme":
+                current = dict(zip(chunk.params, chunk.optimizer.state.values(), strict=False))
+                for p in chunk.params:
+                    for name, value in state.get(p, {}).items():
+                        _assign(current[p], name, value)
+                continue
+            buffer = self.store.read(chunk.key).wait()
+            for j, p in enumerate(chunk.params):
+                for name, value in state.get(p, {}).items():
+                    segment = chunk.layout.get((j, name))
+                    if segment is None:
+                        _assign(chunk.scalars[j], name, value)
+                    else:
+                        segment.view(buffer).copy_(value)
+                if (j, "master") in chunk.layout:
+                    chunk.layout[j, "master"].view(buffer).copy_(local(p))
+            self.store.write(chunk.key, buffer).wait()
+
+    def has_state(self) -> bool:
+        """Whether every chunk has stepped once (so its state exists to be loaded into)."""
+        return all(c.optimizer is not None and (c.tier != "nvme" or c.layout) for c in self.chunks)
+
+    def close(self) -> None:
+        for staging in self.staging:
+            staging.settle()
+        if self.store is not None:
+            self.store.close()
+
+
+def offload_optimizer(optimizer: torch.optim.Optimizer, config: OffloadConfig) -> OffloadedOptimizer | None:
+    """The `OffloadedOptimizer` that `config.optimizer` asks for (None: state stays with the parameters).
+
+    Raises:
+        OffloadError: the NVMe directory cannot be written or has too little free space for the state.
+    """
+    tier = config.optimizer.device
+    if tier == "none":
+        return None
+    store = None
+    if tier == "nvme":
+        path = config.optimizer.path
+        numel = sum(local(p).numel() for g in optimizer.param_groups for p in g["params"])
+        needed = numel * 4 * (_state_slots(optimizer) + 1)
+        store = NvmeStore(path, config.nvme)
+        free = shutil.disk_usage(store.directory).free
+        if free < needed:
+            store.close()
+            raise OffloadError(
+                f"offload.optimizer.path={path!r} has {format_bytes(free)} free, and this rank's optimizer state "
+                f"needs about {format_bytes(needed)}; free space there, point offload.optimizer.path at a larger "
+                "disk, or set offload.optimizer.device=cpu"
+            )
+    return OffloadedOptimizer(optimizer, config, store)
+
+
+_KERNEL_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
+"""Options that choose an implementation, not the mathematics: the host chunks set their own."""
+
+
+def _host_kernel(cls: type[torch.optim.Optimizer], options: dict) -> dict:
+    """The implementation options for updating fp32 host tensors fastest: fused where the class has it."""
+    if "fused" in options and fused_on_cpu(cls):
+        return {"fused": True, "foreach": False}
+    return {"foreach": False} if "foreach" in options else {}
+
+
+def _state_slots(optimizer: torch.optim.Optimizer) -> int:
+    """How many parameter-shaped state tensors `optimizer`'s class keeps (a step on a 2-element probe)."""
+    probe = torch.zeros(2)
+    probe.grad = torch.ones(2)
+    options = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", *_KERNEL_OPTIONS)}
+    options["lr"] = 0.0
+    try:
+        opt = type(optimizer)([{"params": [probe], **options}])
+        opt.step()
+    except Exception:  # noqa: BLE001 - an optimizer we cannot probe gets Adam's two slots as the estimate
+        return 2
+    return sum(1 for v in opt.state[probe].values() if isinstance(v, torch.Tensor) and v.shape == probe.shape)
+
+
+def _lay_out(tensors: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], _Segment]:
+    layout = {}
+    offset = 0
+    for key, tensor in tensors.items():
+        layout[key] = _Segment(offset, tensor.dtype, tensor.shape)
+        offset += -(-tensor.numel() * tensor.element_size() // ALIGN_BYTES) * ALIGN_BYTES
+    return layout
+
+
+def _assign(entry: dict[str, object], name: str, value: object) -> None:
+    current = entry.get(name)
+    if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor) and current.shape == value.shape:
+        current.copy_(value)
+    else:
+        entry[name] = value.clone() if isinstance(value, torch.Tensor) else value
+
+
+__all__ = ["OffloadError", "OffloadedOptimizer", "fused_on_cpu", "local", "offload_optimizer"]
