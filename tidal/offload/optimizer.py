@@ -42,6 +42,7 @@ from tidal.config import OffloadConfig
 from tidal.memory.probe import format_bytes
 from tidal.offload.nvme import OffloadError
 from tidal.offload.store import NvmeStore, Store, empty_aligned
+from tidal.runtime.deferred import DeferredTensors
 from tidal.runtime.device import Handle, copy_async
 
 READ_AHEAD = 2
@@ -346,9 +347,15 @@ class OffloadedOptimizer:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    def state_by_param(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """(parameter, its state) for every parameter with state; nvme chunks are read one at a time into
-        fresh memory (the caller may keep what it is given)."""
+    def state_by_param(
+        self, deferred: DeferredTensors | None = None
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """(parameter, its state) for every parameter with state.
+
+        Args:
+            deferred: where nvme state becomes placeholders, read (and written back by a load) one tensor
+                at a time by a checkpoint; None reads each nvme chunk into fresh memory, one at a time.
+        """
         for chunk in self.chunks:
             if chunk.tier != "nvme":
                 state = chunk.optimizer.state if chunk.optimizer is not None else {}
@@ -358,14 +365,39 @@ class OffloadedOptimizer:
                 continue
             if not chunk.layout:
                 continue
-            buffer = self.store.read(chunk.key).wait()
+            buffer = None if deferred is not None else self.store.read(chunk.key).wait()
             for j, p in enumerate(chunk.params):
                 entry = dict(chunk.scalars[j])
                 for (k, name), segment in chunk.layout.items():
-                    if k == j and name != "master":
+                    if k != j or name == "master":
+                        continue
+                    if buffer is not None:
                         entry[name] = segment.view(buffer)
+                    else:
+                        entry[name] = deferred.placeholder(
+                            segment.shape,
+                            segment.dtype,
+                            functools.partial(self._read_segment, chunk, segment),
+                            functools.partial(self._write_segment, chunk, segment),
+                        )
                 if entry:
                     yield p, entry
+
+    def _read_segment(self, chunk: _Chunk, segment: _Segment) -> torch.Tensor:
+        return self.store.read_slice(chunk.key, segment.offset, segment.nbytes).view(segment.dtype).view(segment.shape)
+
+    def _write_segment(self, chunk: _Chunk, segment: _Segment, value: torch.Tensor) -> None:
+        self.store.write_slice(chunk.key, segment.offset, value.to(segment.dtype))
+
+    def refresh_masters(self) -> None:
+        """Copy the parameters into their fp32 master copies (after the parameters were loaded)."""
+        for chunk in self.chunks:
+            for j, p in enumerate(chunk.params):
+                segment = chunk.layout.get((j, "master"))
+                if segment is not None:
+                    self._write_segment(chunk, segment, local(p))
+                elif chunk.masters[j] is not None:
+                    chunk.masters[j].copy_(local(p))
 
     def load_state(self, state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Copy `state` (as `state_by_param` yields it, for this rank's parameters) into the tier."""
@@ -384,9 +416,8 @@ class OffloadedOptimizer:
                         _assign(chunk.scalars[j], name, value)
                     else:
                         segment.view(buffer).copy_(value)
-                if (j, "master") in chunk.layout:
-                    chunk.layout[j, "master"].view(buffer).copy_(local(p))
             self.store.write(chunk.key, buffer).wait()
+        self.refresh_masters()
 
     def has_state(self) -> bool:
         """Whether every chunk has stepped once (so its state exists to be loaded into)."""

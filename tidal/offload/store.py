@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -139,6 +140,30 @@ class Store(ABC, Generic[L]):
             raise KeyError(f"nothing is stored under key {key!r}; nothing to delete")
         self._release(entry)
 
+    def read_slice(self, key: str, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes [start, start + nbytes) of the tensor under `key`, read at once into a new uint8 tensor.
+
+        For visiting stored tensors piece by piece (checkpoints), not for the training pipeline."""
+        entry = self._slice_entry(key, start, nbytes)
+        return self._read_slice(entry, start, nbytes)
+
+    def write_slice(self, key: str, start: int, data: torch.Tensor) -> None:
+        """Overwrite bytes from `start` of the tensor under `key` with `data`'s bytes, at once and in place
+        (not atomic: for loading checkpoints into a store, whose failure fails the load)."""
+        source = data.detach().contiguous().reshape(-1).view(torch.uint8)
+        entry = self._slice_entry(key, start, source.numel())
+        self._write_slice(key, entry, start, source)
+
+    def _slice_entry(self, key: str, start: int, nbytes: int) -> _Entry[L]:
+        self._check_open()
+        self._settle(key, reads=True)
+        entry = self._entries.get(key)
+        if entry is None:
+            raise KeyError(f"nothing is stored under key {key!r}; write it first")
+        if start < 0 or nbytes < 0 or start + nbytes > entry.nbytes:
+            raise ValueError(f"bytes [{start}, {start + nbytes}) are outside key {key!r}'s {entry.nbytes} bytes")
+        return entry
+
     def __contains__(self, key: str) -> bool:
         self._settle(key, reads=False)
         return key in self._entries
@@ -208,6 +233,14 @@ class Store(ABC, Generic[L]):
     def _close_tier(self) -> None:
         """Free all the tier's memory or files."""
 
+    @abstractmethod
+    def _read_slice(self, entry: _Entry[L], start: int, nbytes: int) -> torch.Tensor:
+        """Read `nbytes` bytes of `entry` from `start`, synchronously."""
+
+    @abstractmethod
+    def _write_slice(self, key: str, entry: _Entry[L], start: int, source: torch.Tensor) -> None:
+        """Overwrite bytes of `entry` from `start` with `source` (flat uint8), synchronously."""
+
 
 class BufferPool:
     """Reusable page-aligned host buffers, so that a steady stream of same-sized tensors allocates once.
@@ -274,6 +307,12 @@ class CpuStore(Store[torch.Tensor]):
 
     def _close_tier(self) -> None:
         self._pool.clear()
+
+    def _read_slice(self, entry: _Entry[torch.Tensor], start: int, nbytes: int) -> torch.Tensor:
+        return entry.location[start : start + nbytes].clone()
+
+    def _write_slice(self, key: str, entry: _Entry[torch.Tensor], start: int, source: torch.Tensor) -> None:
+        entry.location[start : start + source.numel()].copy_(source)
 
 
 class NvmeStore(Store[str]):
@@ -386,3 +425,34 @@ class NvmeStore(Store[str]):
     def _close_tier(self) -> None:
         self._engine.close()
         self._remove_directory()
+
+    # Slices use buffered I/O (any offset); Linux writes back dirty cached pages before an O_DIRECT
+    # read of the same range, and the write is synced before returning.
+    def _read_slice(self, entry: _Entry[str], start: int, nbytes: int) -> torch.Tensor:
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        fd = os.open(entry.location, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            got = os.preadv(fd, [byte_view(out)], start)
+        except OSError as exc:
+            raise OffloadError(f"reading {entry.location!r} failed ({exc.strerror}); check the disk") from exc
+        finally:
+            os.close(fd)
+        if got != nbytes:
+            raise OffloadError(
+                f"{entry.location!r} is shorter than written: its content is lost; resume from a checkpoint"
+            )
+        return out
+
+    def _write_slice(self, key: str, entry: _Entry[str], start: int, source: torch.Tensor) -> None:
+        fd = os.open(entry.location, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, byte_view(source), start)
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise OffloadError(f"writing into {entry.location!r} failed ({exc.strerror}); check the disk") from exc
+        finally:
+            os.close(fd)
+        if entry.checksum is not None:
+            with open(entry.location, "rb") as f:
+                checksum = zlib.crc32(f.read(entry.nbytes))
+            self._commit(key, dataclasses.replace(entry, checksum=checksum))

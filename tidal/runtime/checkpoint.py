@@ -36,7 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, ReadItem
+from torch.distributed.checkpoint import CheckpointException
+
+from tidal.runtime.deferred import DeferredTensors, WeightsOnlyLoadPlanner
 
 LATEST = "latest"
 """Name of the pointer file in a root; it holds the directory name of the newest complete checkpoint."""
@@ -51,15 +53,6 @@ _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message names the path, the cause and the fix."""
-
-
-class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, but a non-tensor value must pass ``torch.load(weights_only=True)`` before
-    DCP unpickles it (DCP itself loads those with weights_only=False, which can run a file's code)."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        torch.load(io.BytesIO(value.getvalue()), weights_only=True)
-        super().load_bytes(read_item, value)
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,6 +104,7 @@ def save_checkpoint(
     *,
     keep: int | None = None,
     process_group: dist.ProcessGroup | None = None,
+    deferred: DeferredTensors | None = None,
 ) -> Path:
     """Save `state` and this rank's `extras` as the checkpoint of `step` under `root`; collective.
 
@@ -125,6 +119,7 @@ def save_checkpoint(
             all. The one `latest` names is never deleted.
         process_group: the group saving together; None is the default group, or this process alone
             when torch.distributed is not initialized.
+        deferred: the placeholders in `state` that stand for tensors read one at a time as they are written.
     Returns:
         The checkpoint directory, ``root/step-{step:08d}``, on every rank.
     Raises:
@@ -148,8 +143,9 @@ def save_checkpoint(
     try:
         ranks.raise_first([e for _, e in gathered])
         fix = f"check the free space and permissions under {root}"
-        writer = dcp.FileSystemWriter(temp)
-        _call_dcp(dcp.save, f"writing the state to {temp}", fix, ranks, state, storage_writer=writer)
+        planner = (deferred or DeferredTensors()).save_planner()
+        storage = {"storage_writer": dcp.FileSystemWriter(temp), "planner": planner}
+        _call_dcp(dcp.save, f"writing the state to {temp}", fix, ranks, state, **storage)
         _, error = _attempt(lambda: _write_file(temp / extras_name(ranks.rank), payload))
         ranks.raise_first(ranks.gather(error))
         if ranks.rank == 0:
@@ -200,6 +196,7 @@ def load_checkpoint(
     state: dict[str, Any],
     *,
     process_group: dist.ProcessGroup | None = None,
+    deferred: DeferredTensors | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into `state` in place and return this rank's extras; collective.
 
@@ -209,6 +206,7 @@ def load_checkpoint(
             or a DTensor of any sharding); DCP copies the saved values into them, resharding as needed.
             Non-tensor leaves are replaced in these dicts by the saved values.
         process_group: the group loading together; None as in `save_checkpoint`.
+        deferred: the placeholders in `state` whose loaded values are written back one at a time.
     Returns:
         This rank's extras (tensors mapped to the CPU). A rank the saving job did not have (a job
         resumed on more ranks) gets rank 0's extras: step and scheduler are right, but its RNG state
@@ -219,7 +217,7 @@ def load_checkpoint(
     """
     path = _resolve(Path(path_or_root))
     ranks = _Ranks.of(process_group)
-    storage = {"storage_reader": dcp.FileSystemReader(path), "planner": _WeightsOnlyLoadPlanner()}
+    storage = {"storage_reader": dcp.FileSystemReader(path), "planner": WeightsOnlyLoadPlanner(deferred)}
     fix = "`state` must hold the saved keys at their saved global shapes"
     _call_dcp(dcp.load, f"loading the state from {path}", fix, ranks, state, **storage)
     extras = path / extras_name(ranks.rank)

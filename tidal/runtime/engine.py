@@ -34,6 +34,7 @@ from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from tidal.parallel.data import apply_data_parallel
 from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
+from tidal.runtime.deferred import DeferredTensors
 from tidal.runtime.metrics import CommRecord, StepMetrics
 from tidal.runtime.precision import LossScaler, autocast, global_grad_norm, scale_grads_
 
@@ -252,9 +253,9 @@ class Engine:
     def _tensor_state(self, offloaded: dict | None = None) -> dict:
         return {"model": self.model.state_dict(), "optim": {"state": self.dp.optimizer_state(offloaded)}}
 
-    def _offloaded_state(self) -> dict | None:
-        """The offloaded optimizer's state by parameter (NVMe chunks read into memory), or None."""
-        return None if self.optimizer_offload is None else dict(self.optimizer_offload.state_by_param())
+    def _offloaded_state(self, deferred: DeferredTensors) -> dict | None:
+        """The offloaded optimizer's state by parameter (NVMe state as `deferred` placeholders), or None."""
+        return None if self.optimizer_offload is None else dict(self.optimizer_offload.state_by_param(deferred))
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write a checkpoint of everything needed to resume (collective: every rank calls it)."""
@@ -267,12 +268,14 @@ class Engine:
             "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "config": self.config.to_dict(),
         }
+        deferred = DeferredTensors()
         return checkpoint.save_checkpoint(
             self._root(path),
             self.global_step,
-            self._tensor_state(self._offloaded_state()),
+            self._tensor_state(self._offloaded_state(deferred)),
             extras,
             keep=self.config.checkpoint.keep,
+            deferred=deferred,
         )
 
     def load(self, path: str | os.PathLike | None = None) -> int:
@@ -280,10 +283,11 @@ class Engine:
 
         The checkpoint may come from another data-parallel size or ZeRO stage."""
         self._create_optimizer_state()
-        offloaded = self._offloaded_state()
-        extras = checkpoint.load_checkpoint(self._root(path), self._tensor_state(offloaded))
+        deferred = DeferredTensors()
+        state = self._tensor_state(self._offloaded_state(deferred))
+        extras = checkpoint.load_checkpoint(self._root(path), state, deferred=deferred)
         if self.optimizer_offload is not None:
-            self.optimizer_offload.load_state(offloaded)
+            self.optimizer_offload.refresh_masters()
         self.global_step = int(extras["step"])
         rng.restore_rng(extras["rng"])
         for group, saved in zip(self.optimizer.param_groups, extras["param_groups"], strict=False):
