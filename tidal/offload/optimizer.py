@@ -113,6 +113,9 @@ class _Staging:
 
     def __init__(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.grad_buffer = torch.empty(0, dtype=torch.float32)
+        self.grads: list[torch.Tensor | None] = []
+        """The chunk's gradients as fp32 host tensors, valid once `settle()` returned."""
         self.pending: list[Handle[object]] = []
 
     def settle(self) -> None:
@@ -131,6 +134,12 @@ class _Staging:
         if self.buffer.numel() < nbytes:
             self.buffer = empty_aligned((nbytes,), torch.uint8)
         return self.buffer[:nbytes]
+
+    def reserve_grads(self, numel: int) -> torch.Tensor:
+        """An fp32 host buffer of `numel` elements that gradients are copied into (pinned on CUDA)."""
+        if self.grad_buffer.numel() < numel:
+            self.grad_buffer = empty_aligned((numel,), torch.float32)
+        return self.grad_buffer[:numel]
 
 
 class OffloadedOptimizer:
@@ -204,7 +213,7 @@ class OffloadedOptimizer:
         try:
             for i, chunk in enumerate(tiered):
                 while started < len(tiered) and started <= i + READ_AHEAD:
-                    self._start_read(tiered[started], self.staging[started % len(self.staging)])
+                    self._start_read(tiered[started], self.staging[started % len(self.staging)], zero_grads)
                     started += 1
                 self._update_tiered(chunk, self.staging[i % len(self.staging)], zero_grads)
         finally:
@@ -216,10 +225,27 @@ class OffloadedOptimizer:
         if errors:
             raise errors[0]
 
-    def _start_read(self, chunk: _Chunk, staging: _Staging) -> None:
+    def _start_read(self, chunk: _Chunk, staging: _Staging, zero_grads: bool) -> None:
+        """Start bringing `chunk`'s state (nvme) and gradients (when not fp32 host tensors) into `staging`."""
         staging.settle()  # the chunk that used this buffer before has been written
         if chunk.tier == "nvme" and chunk.layout:
             staging.pending.append(self.store.read(chunk.key, out=staging.reserve(chunk.nbytes)))
+        shards = [local(p) for p in chunk.params]
+        if zero_grads:
+            staging.grads = [torch.zeros(shard.shape) for shard in shards]
+            return
+        grads = [None if p.grad is None else local(p.grad) for p in chunk.params]
+        moving = [g for g in grads if g is not None and (g.device.type != "cpu" or g.dtype != torch.float32)]
+        space = staging.reserve_grads(sum(g.numel() for g in moving))
+        staging.grads = []
+        offset = 0
+        for grad in grads:
+            if grad is not None and any(grad is g for g in moving):
+                host = space[offset : offset + grad.numel()].view(grad.shape)
+                offset += grad.numel()
+                staging.pending.append(copy_async(host, grad))  # device to host and to fp32, behind the reads
+                grad = host
+            staging.grads.append(grad)
 
     def _update_tiered(self, chunk: _Chunk, staging: _Staging, zero_grads: bool) -> None:
         staging.settle()
@@ -235,8 +261,8 @@ class OffloadedOptimizer:
             else:
                 master = chunk.masters[j]
                 works.append(local(p) if master is None else master)
-        grads = self._grads(chunk, zero_grads)
-        self._update(chunk, works, grads, zero_grads, buffer if nvme else None)
+        self._update(chunk, works, staging.grads, zero_grads, buffer if nvme else None)
+        staging.grads = []
         for p, work in zip(chunk.params, works, strict=True):
             shard = local(p)
             if work.data_ptr() != shard.data_ptr():
@@ -244,19 +270,12 @@ class OffloadedOptimizer:
         if nvme:
             self._write(chunk, works, staging)
 
-    def _grads(self, chunk: _Chunk, zero: bool) -> list[torch.Tensor | None]:
-        grads = []
-        for p in chunk.params:
-            shard = local(p)
-            if zero:
-                grads.append(torch.zeros_like(shard) if chunk.tier == "device" else torch.zeros(shard.shape))
-                continue
-            grad = None if p.grad is None else local(p.grad)
-            host = chunk.tier != "device"
-            if grad is not None and host and (grad.device.type != "cpu" or grad.dtype != torch.float32):
-                grad = grad.to("cpu", torch.float32)
-            grads.append(grad)
-        return grads
+    @staticmethod
+    def _grads(chunk: _Chunk, zero: bool) -> list[torch.Tensor | None]:
+        """A device chunk's gradients where they are (zeros for `create_state`)."""
+        if zero:
+            return [torch.zeros_like(local(p)) for p in chunk.params]
+        return [None if p.grad is None else local(p.grad) for p in chunk.params]
 
     def _update(
         self,

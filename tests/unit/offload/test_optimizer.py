@@ -163,3 +163,38 @@ def test_close_removes_the_swap_files(tmp_path) -> None:
     assert any(tmp_path.rglob("*.swap"))
     offload.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_low_precision_parameters_are_updated_through_fp32_masters(tmp_path, tier) -> None:
+    """bf16 parameters: gradients come to the host as fp32 and the update runs on fp32 master copies, as a
+    hand-written master-weights loop does."""
+    data = [x.bfloat16() for x in _data()]
+
+    def loop(offloaded: bool):
+        model = _model().bfloat16()
+        if offloaded:
+            opt = OPTIMIZERS["adamw"](model.parameters())
+            offload = _offload(opt, tier, tmp_path)
+        else:
+            masters = [torch.nn.Parameter(p.detach().float()) for p in model.parameters()]
+            opt = OPTIMIZERS["adamw"](masters)
+        for x in data:
+            model(x).float().pow(2).mean().backward()
+            if offloaded:
+                offload.step()
+            else:
+                for p, master in zip(model.parameters(), masters, strict=True):
+                    master.grad = p.grad.float()
+                opt.step()
+                with torch.no_grad():
+                    for p, master in zip(model.parameters(), masters, strict=True):
+                        p.copy_(master)
+            opt.zero_grad()
+            model.zero_grad()
+        if offloaded:
+            offload.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(loop(True), loop(False), strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
