@@ -108,7 +108,7 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()
-        out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+        out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()  # never a view of a shard
     return out
 
 

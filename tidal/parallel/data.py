@@ -27,7 +27,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
+from tidal.offload.params import apply_param_offload, fsdp_offload_policy
 from tidal.parallel.topology import Topology
+from tidal.runtime.device import Device
 
 CommObserver = Callable[[str, int, dist.Work], object]
 
@@ -239,19 +241,20 @@ class FullyShardedFSDP2(DataParallel):
 
     stage = 3
 
-    def __init__(self, model, optimizer, topology, config: Config) -> None:
+    def __init__(self, model, optimizer, topology, config: Config, device: Device) -> None:
         from torch.distributed.fsdp import fully_shard
 
         super().__init__(model, optimizer, topology)
         self._broadcast_from_first_rank()
         names = {id(p): n for n, p in model.named_parameters()}
         reshard = config.zero.reshard_after_forward
+        policy = fsdp_offload_policy(config.offload.params, device)
         blocks = repeated_blocks(model)
         for block in blocks:
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, offload_policy=policy)
         # The root keeps its parameters (embeddings, final norm) gathered from forward into backward: they
         # are needed again at once when backward starts, so freeing them would only cost a re-gather.
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, offload_policy=policy)
         ahead = config.zero.prefetch_modules
         if ahead > 1:  # FSDP2 already overlaps the next block's gather; deeper prefetch is explicit
             for i, block in enumerate(blocks):
@@ -261,6 +264,9 @@ class FullyShardedFSDP2(DataParallel):
         for group in optimizer.param_groups:
             group["params"] = [by_name[names[id(p)]] for p in group["params"]]
         self._synced = True
+        self.param_offload = apply_param_offload(model, blocks, config.offload.params, config.offload.nvme, device)
+        if self.param_offload is not None:
+            self.param_offload.attach_optimizer(optimizer)  # shards resident for the step, written back after
 
     def prepare_backward(self, boundary: bool) -> None:
         if boundary != self._synced:  # the setter walks every module: only when it changes
@@ -303,13 +309,14 @@ def apply_data_parallel(
     optimizer: torch.optim.Optimizer,
     topology: Topology,
     config: Config,
+    device: Device,
     on_comm: CommObserver | None = None,
 ) -> DataParallel:
-    """Choose and build the strategy for ``config.zero.stage`` over the ``dp_sp`` group."""
+    """Choose and build the strategy for ``config.zero.stage`` over the ``dp_sp`` group (on `device`)."""
     stage = config.zero.stage
     bucket_bytes = int(config.comm.bucket_mb * 2**20)
     if stage == 0:
         return Replicated(model, optimizer, topology, bucket_bytes, on_comm)
     if stage in (1, 2):
         return ShardedOptimizer(model, optimizer, topology, stage, bucket_bytes, on_comm)
-    return FullyShardedFSDP2(model, optimizer, topology, config)
+    return FullyShardedFSDP2(model, optimizer, topology, config, device)

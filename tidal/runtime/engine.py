@@ -70,7 +70,9 @@ class Engine:
         )
         if config.logging.trace:
             atexit.register(self.metrics.write_trace)
-        self.dp = apply_data_parallel(model, optimizer, self.topology, config, on_comm=self._observe_comm)
+        self.dp = apply_data_parallel(
+            model, optimizer, self.topology, config, context.device, on_comm=self._observe_comm
+        )
         self.optimizer_offload: OffloadedOptimizer | None = offload_optimizer(optimizer, config.offload)
         self.global_step = 0
         self.micro_step = 0
@@ -287,7 +289,8 @@ class Engine:
         state = self._tensor_state(self._offloaded_state(deferred))
         extras = checkpoint.load_checkpoint(self._root(path), state, deferred=deferred)
         if self.optimizer_offload is not None:
-            self.optimizer_offload.refresh_masters()
+            with self._params_resident():
+                self.optimizer_offload.refresh_masters()
         self.global_step = int(extras["step"])
         rng.restore_rng(extras["rng"])
         for group, saved in zip(self.optimizer.param_groups, extras["param_groups"], strict=False):
@@ -298,12 +301,18 @@ class Engine:
         self.micro_step = 0
         return self.global_step
 
+    def _params_resident(self) -> contextlib.AbstractContextManager:
+        """Streamed (offloaded) parameters brought into memory, and written back after, for direct updates."""
+        offload = getattr(self.dp, "param_offload", None)
+        return contextlib.nullcontext() if offload is None else offload.resident_for_step()
+
     def _create_optimizer_state(self) -> None:
         """Make the optimizer allocate its state (a step at lr 0 on zero gradients) so there is something
         to load into; the parameters do not move."""
         if self.optimizer_offload is not None:
             if not self.optimizer_offload.has_state():
-                self.optimizer_offload.create_state()
+                with self._params_resident():
+                    self.optimizer_offload.create_state()
             return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if all(p in self.optimizer.state for p in params):
