@@ -29,8 +29,10 @@ def _offload(tier: str, path: str, ratio: float = 0.0) -> dict:
 
 def _scenarios(world: int, path: str) -> dict[str, dict]:
     params = {"params": {"device": "nvme", "path": path}}
+    activations = {"activations": {"device": "nvme", "path": path, "min_bytes": 1024}}
     if world == 1:
         return {
+            "activations-cpu": {"zero": {"stage": 0}, "offload": {"activations": {"device": "cpu", "min_bytes": 1024}}},
             "stage0-nvme": {"zero": {"stage": 0}, "offload": _offload("nvme", path)},
             "stage3-cpu": {"zero": {"stage": 3}, "offload": _offload("cpu", path)},
             "params-nvme": {"zero": {"stage": 3}, "offload": params},
@@ -42,6 +44,8 @@ def _scenarios(world: int, path: str) -> dict[str, dict]:
         "stage3-nvme": {"zero": {"stage": 3}, "offload": _offload("nvme", path)},
         "params-nvme": {"zero": {"stage": 3}, "offload": params},
         "params-optimizer-nvme": {"zero": {"stage": 3}, "offload": {**params, **_offload("nvme", path)}},
+        "activations-nvme": {"zero": {"stage": 1}, "offload": activations},
+        "all-nvme": {"zero": {"stage": 3}, "offload": {**params, **_offload("nvme", path), **activations}},
     }
 
 
@@ -60,6 +64,10 @@ def _train(config: dict, rank: int, world: int, first: int = 0, last: int = STEP
     offload = engine.optimizer_offload
     chunks = [c.tier for c in offload.chunks] if offload is not None else []
     stored = offload.store.nbytes() if offload is not None and offload.store is not None else 0
+    activation = engine.activation_offload
+    if activation is not None:
+        assert activation.stats.offloaded_tensors > 0, "activations must have gone to the store"
+        chunks.append("activations")
     if params is not None:  # between steps no streamed parameter is in memory, and the store holds them all
         assert params.resident_bytes() == 0
         stored += params.store.nbytes()
@@ -121,8 +129,8 @@ def test_optimizer_offload_matches_single_process(runs, reference, world, name) 
     results = [r[name] for r in runs[world]]
     _compare(results, reference, name)
     for _, _, chunks, stored in results:
-        assert len(chunks) > 1 or chunks == ["params"], "the state must span several chunks"
-        if "nvme" in name or name == "resume":
+        assert len(chunks) > 1 or chunks in (["params"], ["activations"]), "the state must span several chunks"
+        if ("nvme" in name and "activations" not in name) or name == "resume":
             assert stored > 0, "nvme state must live in the store"
         if "ratio" in name:
             assert "device" in chunks and "nvme" in chunks

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from tidal.config import Config
+from tidal.offload.activations import ActivationOffload, apply_activation_offload
 from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from tidal.parallel.data import apply_data_parallel
 from tidal.runtime import checkpoint, rng
@@ -74,6 +75,9 @@ class Engine:
             model, optimizer, self.topology, config, context.device, on_comm=self._observe_comm
         )
         self.optimizer_offload: OffloadedOptimizer | None = offload_optimizer(optimizer, config.offload)
+        self.activation_offload: ActivationOffload | None = apply_activation_offload(
+            model, config.offload.activations, config.offload.nvme, context.device.torch_device
+        )
         self.global_step = 0
         self.micro_step = 0
         self._no_sync = False
@@ -96,7 +100,12 @@ class Engine:
             training = self.model.training and torch.is_grad_enabled()
             if training:
                 self._begin_micro_step(args, kwargs)
-            with self.metrics.span("forward"), autocast(self.config.precision, self.context.device.type):
+            offload = self.activation_offload if training else None
+            with (
+                self.metrics.span("forward"),
+                autocast(self.config.precision, self.context.device.type),
+                offload.forward_context() if offload is not None else contextlib.nullcontext(),
+            ):
                 out = original_forward(*args, **kwargs)
             if training:
                 self._observe_output(out)
