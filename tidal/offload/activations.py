@@ -29,26 +29,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fnmatch
 import functools
 import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from tidal.config import ActivationOffloadConfig, NvmeConfig
 from tidal.offload.nvme import OffloadError
-from tidal.offload.store import BufferPool, CpuStore, NvmeStore, Store
+from tidal.offload.nvme_store import NvmeStore
+from tidal.offload.policy import Choice, apply_recompute, changes_policy, module_policies
+from tidal.offload.store import BufferPool, CpuStore, Store
 from tidal.parallel.data import repeated_blocks
 from tidal.runtime.device import Handle, copy_async, pin_memory_available, then
-
-Choice = Literal["keep", "offload", "recompute"]
 
 
 @dataclass
@@ -387,18 +384,6 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
                 self.store.delete(key)
 
 
-class _RecomputedForward:
-    """A module's forward under non-reentrant activation checkpointing: saves its inputs, recomputes in backward."""
-
-    def __init__(self, forward: Callable[..., Any]) -> None:
-        self.forward = forward
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return self.forward(*args, **kwargs)
-        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
-
-
 def apply_activation_offload(
     model: torch.nn.Module, config: ActivationOffloadConfig, nvme: NvmeConfig, device: torch.device
 ) -> ActivationOffload | None:
@@ -419,16 +404,9 @@ def apply_activation_offload(
         ValueError: a policy pattern matches no module, "offload" is asked for with device none, or
             device nvme has no path.
     """
-    policies = _module_policies(model, config.policy)
-    for name, choice in policies.items():
-        if choice == "recompute" and not any(policies.get(parent) == "recompute" for parent in _parents(name)):
-            module = model.get_submodule(name)
-            if not isinstance(module.__dict__.get("forward"), _RecomputedForward):
-                module.forward = _RecomputedForward(module.forward)
-    recomputed = "recompute" in policies.values()
-    tracked = {
-        model.get_submodule(name): choice for name, choice in policies.items() if _changes_policy(name, policies)
-    }
+    policies = module_policies(model, config.policy)
+    recomputed = apply_recompute(model, policies)
+    tracked = {model.get_submodule(name): choice for name, choice in policies.items() if changes_policy(name, policies)}
     settings = {"min_bytes": config.min_bytes, "prefetch_layers": config.prefetch_layers}
     if config.device == "none":
         offloaded = sorted(name for name, choice in policies.items() if choice == "offload")
@@ -454,36 +432,6 @@ def apply_activation_offload(
         return ActivationOffload(model, CpuStore(pinned=pinned), tracked, **settings)
     staging = BufferPool(pinned) if device.type == "cuda" else None
     return ActivationOffload(model, NvmeStore(config.path, nvme), tracked, staging=staging, **settings)
-
-
-def _module_policies(model: torch.nn.Module, policy: dict[str, Choice]) -> dict[str, Choice]:
-    """Each module's policy: the last pattern matching its name or an enclosing module's; unmatched ones left out."""
-    names = [name for name, _ in model.named_modules()]
-    for pattern in policy:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ValueError(
-                f"offload.activations.policy pattern {pattern!r} matches no module of {type(model).__name__} "
-                f"(module names look like {[n for n in names if n][:4]}); fix the pattern or remove it"
-            )
-    resolved: dict[str, Choice] = {}
-    for name in names:
-        scope = [*_parents(name), name]
-        for pattern, choice in policy.items():
-            if any(fnmatch.fnmatchcase(enclosing, pattern) for enclosing in scope):
-                resolved[name] = choice
-    return resolved
-
-
-def _changes_policy(name: str, policies: dict[str, Choice]) -> bool:
-    """Whether module `name` keeps or offloads where the nearest enclosing module that does so does not."""
-    enclosing = [policies[p] for p in _parents(name) if policies.get(p) in ("keep", "offload")]
-    return policies[name] in ("keep", "offload") and policies[name] != (enclosing[-1] if enclosing else None)
-
-
-def _parents(name: str) -> list[str]:
-    """The qualified names of the modules enclosing module `name`, the root ("") included."""
-    parts = name.split(".")
-    return [".".join(parts[:end]) for end in range(len(parts))] if name else []
 
 
 def _dense(tensor: torch.Tensor) -> bool:

@@ -29,117 +29,34 @@ the previous step, so resume from the last checkpoint.
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from tidal.config import OffloadConfig
 from tidal.memory.probe import format_bytes
+from tidal.offload.chunks import (
+    KERNEL_OPTIONS,
+    Chunk,
+    Segment,
+    Staging,
+    assign,
+    fused_on_cpu,
+    host_kernel,
+    lay_out,
+    local,
+    state_slots,
+)
 from tidal.offload.nvme import OffloadError
-from tidal.offload.store import NvmeStore, Store, empty_aligned
+from tidal.offload.nvme_store import NvmeStore
+from tidal.offload.store import Store, empty_aligned
 from tidal.runtime.deferred import DeferredTensors
-from tidal.runtime.device import Handle, copy_async
+from tidal.runtime.device import copy_async
 
 READ_AHEAD = 2
 """Chunks whose reads are under way while one chunk is updated."""
-ALIGN_BYTES = 64
-"""Alignment of each tensor inside a chunk's file, bytes (any dtype's itemsize divides it)."""
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `tensor` (a DTensor's local shard), detached, sharing its storage."""
-    with torch.no_grad():
-        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
-
-
-@functools.cache
-def fused_on_cpu(optimizer_class: type[torch.optim.Optimizer]) -> bool:
-    """Whether `optimizer_class(..., fused=True)` steps fp32 CPU tensors in this torch (tried once)."""
-    probe = torch.zeros(1)
-    probe.grad = torch.zeros(1)
-    try:
-        optimizer_class([probe], fused=True).step()
-    except (TypeError, RuntimeError, ValueError):
-        return False
-    return True
-
-
-@dataclass
-class _Segment:
-    """Where one tensor sits in a chunk's flat byte buffer."""
-
-    offset: int
-    dtype: torch.dtype
-    shape: torch.Size
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def view(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
-
-
-@dataclass
-class _Chunk:
-    """Consecutive optimizer parameters updated together by one optimizer instance."""
-
-    index: int
-    tier: str
-    params: list[torch.Tensor]
-    groups: list[int]
-    """Index in the user's param_groups of each parameter."""
-    masters: list[torch.Tensor | None]
-    """Host fp32 copies of parameters that are not fp32 host tensors (cpu tier; nvme keeps them in the file)."""
-    optimizer: torch.optim.Optimizer | None = None
-    scalars: list[dict[str, object]] = field(default_factory=list)
-    """Per parameter: the state that does not live in the chunk's file (Python numbers, odd-shaped tensors)."""
-    layout: dict[tuple[int, str], _Segment] = field(default_factory=dict)
-    """(parameter, state name or "master") -> its place in the file; empty until the first step (nvme)."""
-    nbytes: int = 0
-
-    @property
-    def key(self) -> str:
-        return f"chunk{self.index}"
-
-
-class _Staging:
-    """One host buffer a chunk's file is read into, updated in and written from; reused round-robin."""
-
-    def __init__(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.uint8)
-        self.grad_buffer = torch.empty(0, dtype=torch.float32)
-        self.grads: list[torch.Tensor | None] = []
-        """The chunk's gradients as fp32 host tensors, valid once `settle()` returned."""
-        self.pending: list[Handle[object]] = []
-
-    def settle(self) -> None:
-        """Wait for the transfers still using the buffer; the first failure is raised after all finished."""
-        pending, self.pending = self.pending, []
-        errors = []
-        for handle in pending:
-            try:
-                handle.wait()
-            except Exception as exc:  # noqa: BLE001 - every transfer must finish before the buffer is reused
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    def reserve(self, nbytes: int) -> torch.Tensor:
-        if self.buffer.numel() < nbytes:
-            self.buffer = empty_aligned((nbytes,), torch.uint8)
-        return self.buffer[:nbytes]
-
-    def reserve_grads(self, numel: int) -> torch.Tensor:
-        """An fp32 host buffer of `numel` elements that gradients are copied into (pinned on CUDA)."""
-        if self.grad_buffer.numel() < numel:
-            self.grad_buffer = empty_aligned((numel,), torch.float32)
-        return self.grad_buffer[:numel]
 
 
 class OffloadedOptimizer:
@@ -161,13 +78,13 @@ class OffloadedOptimizer:
             raise ValueError("offload.optimizer.device=nvme needs a store: pass an NvmeStore on offload.optimizer.path")
         self.chunks = self._make_chunks(config.optimizer.chunk_mb * 2**20, config.optimizer.ratio)
         optimizer.state.clear()  # state a constructor made (Adagrad's) is remade per chunk on its tier
-        self.staging = [_Staging() for _ in range(READ_AHEAD + 2)]
+        self.staging = [Staging() for _ in range(READ_AHEAD + 2)]
 
     # -- layout -------------------------------------------------------------------------------------
 
-    def _make_chunks(self, chunk_bytes: float, ratio: float) -> list[_Chunk]:
+    def _make_chunks(self, chunk_bytes: float, ratio: float) -> list[Chunk]:
         entries = [(p, g) for g, group in enumerate(self.optimizer.param_groups) for p in group["params"]]
-        per_element = 4 * (_state_slots(self.optimizer) + 1)  # fp32 state slots plus the master copy
+        per_element = 4 * (state_slots(self.optimizer) + 1)  # fp32 state slots plus the master copy
         cuts: list[list[tuple[torch.Tensor, int]]] = [[]]
         size = 0
         for p, g in entries:
@@ -183,7 +100,7 @@ class OffloadedOptimizer:
             tier = "device" if i < on_device else self.tier
             params = [p for p, _ in cut]
             masters = [self._master(p) if tier == "cpu" else None for p in params]
-            chunks.append(_Chunk(i, tier, params, [g for _, g in cut], masters, scalars=[{} for _ in params]))
+            chunks.append(Chunk(i, tier, params, [g for _, g in cut], masters, scalars=[{} for _ in params]))
         return chunks
 
     @staticmethod
@@ -225,7 +142,7 @@ class OffloadedOptimizer:
         if errors:
             raise errors[0]
 
-    def _start_read(self, chunk: _Chunk, staging: _Staging, zero_grads: bool) -> None:
+    def _start_read(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
         """Start bringing `chunk`'s state (nvme) and gradients (when not fp32 host tensors) into `staging`."""
         staging.settle()  # the chunk that used this buffer before has been written
         if chunk.tier == "nvme" and chunk.layout:
@@ -247,7 +164,7 @@ class OffloadedOptimizer:
                 grad = host
             staging.grads.append(grad)
 
-    def _update_tiered(self, chunk: _Chunk, staging: _Staging, zero_grads: bool) -> None:
+    def _update_tiered(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
         staging.settle()
         nvme = chunk.tier == "nvme"
         buffer = staging.reserve(chunk.nbytes)
@@ -271,7 +188,7 @@ class OffloadedOptimizer:
             self._write(chunk, works, staging)
 
     @staticmethod
-    def _grads(chunk: _Chunk, zero: bool) -> list[torch.Tensor | None]:
+    def _grads(chunk: Chunk, zero: bool) -> list[torch.Tensor | None]:
         """A device chunk's gradients where they are (zeros for `create_state`)."""
         if zero:
             return [torch.zeros_like(local(p)) for p in chunk.params]
@@ -279,7 +196,7 @@ class OffloadedOptimizer:
 
     def _update(
         self,
-        chunk: _Chunk,
+        chunk: Chunk,
         works: list[torch.Tensor],
         grads: list[torch.Tensor | None],
         zero_grads: bool,
@@ -297,7 +214,7 @@ class OffloadedOptimizer:
             by_group[g].append(work)
         for group, g in zip(opt.param_groups, sorted(by_group), strict=True):
             user = self.optimizer.param_groups[g]
-            group.update({k: v for k, v in user.items() if k != "params" and k not in _KERNEL_OPTIONS})
+            group.update({k: v for k, v in user.items() if k != "params" and k not in KERNEL_OPTIONS})
             group["params"] = by_group[g]
             if zero_grads:
                 group["lr"] = 0.0 if not isinstance(user["lr"], torch.Tensor) else torch.zeros_like(user["lr"])
@@ -325,17 +242,17 @@ class OffloadedOptimizer:
             for work, entry in zip(works, kept, strict=True):
                 state[work] = entry
 
-    def _chunk_optimizer(self, chunk: _Chunk, works: list[torch.Tensor]) -> torch.optim.Optimizer:
+    def _chunk_optimizer(self, chunk: Chunk, works: list[torch.Tensor]) -> torch.optim.Optimizer:
         cls = type(self.optimizer)
         groups = []
         for g in sorted(set(chunk.groups)):
             options = {k: v for k, v in self.optimizer.param_groups[g].items() if k != "params"}
             if chunk.tier != "device":
-                options.update(_host_kernel(cls, options))
+                options.update(host_kernel(cls, options))
             groups.append({**options, "params": [w for w, k in zip(works, chunk.groups, strict=True) if k == g]})
         return cls(groups)
 
-    def _write(self, chunk: _Chunk, works: list[torch.Tensor], staging: _Staging) -> None:
+    def _write(self, chunk: Chunk, works: list[torch.Tensor], staging: Staging) -> None:
         """Pack the chunk's state (and master copies) into the staging buffer and start writing it."""
         state = chunk.optimizer.state
         tensors: dict[tuple[int, str], torch.Tensor] = {}
@@ -349,7 +266,7 @@ class OffloadedOptimizer:
                     chunk.scalars[j][name] = value
             if work.data_ptr() != local(p).data_ptr():
                 tensors[j, "master"] = work
-        layout = _lay_out(tensors)
+        layout = lay_out(tensors)
         if layout != chunk.layout:
             # the first step (or a parameter's first gradient): tensors get new places, which may overlap
             # the old ones, so they move through copies
@@ -402,10 +319,10 @@ class OffloadedOptimizer:
                 if entry:
                     yield p, entry
 
-    def _read_segment(self, chunk: _Chunk, segment: _Segment) -> torch.Tensor:
+    def _read_segment(self, chunk: Chunk, segment: Segment) -> torch.Tensor:
         return self.store.read_slice(chunk.key, segment.offset, segment.nbytes).view(segment.dtype).view(segment.shape)
 
-    def _write_segment(self, chunk: _Chunk, segment: _Segment, value: torch.Tensor) -> None:
+    def _write_segment(self, chunk: Chunk, segment: Segment, value: torch.Tensor) -> None:
         self.store.write_slice(chunk.key, segment.offset, value.to(segment.dtype))
 
     def refresh_masters(self) -> None:
@@ -425,14 +342,14 @@ class OffloadedOptimizer:
                 current = dict(zip(chunk.params, chunk.optimizer.state.values(), strict=False))
                 for p in chunk.params:
                     for name, value in state.get(p, {}).items():
-                        _assign(current[p], name, value)
+                        assign(current[p], name, value)
                 continue
             buffer = self.store.read(chunk.key).wait()
             for j, p in enumerate(chunk.params):
                 for name, value in state.get(p, {}).items():
                     segment = chunk.layout.get((j, name))
                     if segment is None:
-                        _assign(chunk.scalars[j], name, value)
+                        assign(chunk.scalars[j], name, value)
                     else:
                         segment.view(buffer).copy_(value)
             self.store.write(chunk.key, buffer).wait()
@@ -462,7 +379,7 @@ def offload_optimizer(optimizer: torch.optim.Optimizer, config: OffloadConfig) -
     if tier == "nvme":
         path = config.optimizer.path
         numel = sum(local(p).numel() for g in optimizer.param_groups for p in g["params"])
-        needed = numel * 4 * (_state_slots(optimizer) + 1)
+        needed = numel * 4 * (state_slots(optimizer) + 1)
         store = NvmeStore(path, config.nvme)
         free = shutil.disk_usage(store.directory).free
         if free < needed:
@@ -473,48 +390,6 @@ def offload_optimizer(optimizer: torch.optim.Optimizer, config: OffloadConfig) -
                 "disk, or set offload.optimizer.device=cpu"
             )
     return OffloadedOptimizer(optimizer, config, store)
-
-
-_KERNEL_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
-"""Options that choose an implementation, not the mathematics: the host chunks set their own."""
-
-
-def _host_kernel(cls: type[torch.optim.Optimizer], options: dict) -> dict:
-    """The implementation options for updating fp32 host tensors fastest: fused where the class has it."""
-    if "fused" in options and fused_on_cpu(cls):
-        return {"fused": True, "foreach": False}
-    return {"foreach": False} if "foreach" in options else {}
-
-
-def _state_slots(optimizer: torch.optim.Optimizer) -> int:
-    """How many parameter-shaped state tensors `optimizer`'s class keeps (a step on a 2-element probe)."""
-    probe = torch.zeros(2)
-    probe.grad = torch.ones(2)
-    options = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", *_KERNEL_OPTIONS)}
-    options["lr"] = 0.0
-    try:
-        opt = type(optimizer)([{"params": [probe], **options}])
-        opt.step()
-    except Exception:  # noqa: BLE001 - an optimizer we cannot probe gets Adam's two slots as the estimate
-        return 2
-    return sum(1 for v in opt.state[probe].values() if isinstance(v, torch.Tensor) and v.shape == probe.shape)
-
-
-def _lay_out(tensors: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], _Segment]:
-    layout = {}
-    offset = 0
-    for key, tensor in tensors.items():
-        layout[key] = _Segment(offset, tensor.dtype, tensor.shape)
-        offset += -(-tensor.numel() * tensor.element_size() // ALIGN_BYTES) * ALIGN_BYTES
-    return layout
-
-
-def _assign(entry: dict[str, object], name: str, value: object) -> None:
-    current = entry.get(name)
-    if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor) and current.shape == value.shape:
-        current.copy_(value)
-    else:
-        entry[name] = value.clone() if isinstance(value, torch.Tensor) else value
 
 
 __all__ = ["OffloadError", "OffloadedOptimizer", "fused_on_cpu", "local", "offload_optimizer"]

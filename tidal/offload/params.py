@@ -49,7 +49,8 @@ import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy
 
 from tidal.config import NvmeConfig, ParamOffloadConfig
-from tidal.offload.store import NvmeStore, Store
+from tidal.offload.nvme_store import NvmeStore
+from tidal.offload.store import Store
 from tidal.runtime.device import Device, Handle
 
 _GROUP_ATTRIBUTES = (
