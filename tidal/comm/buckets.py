@@ -10,7 +10,9 @@ waits for a gradient that never comes.
 
 Two reductions:
 
-- ``"all_reduce"``: every rank ends with the mean gradient in ``p.grad`` (ZeRO 0 and 1).
+- ``"all_reduce"``: every rank ends with the mean gradient in ``p.grad`` (ZeRO 0 and 1). A DTensor
+  parameter (tensor parallel) is reduced as its local shard: the data-parallel replicas of a shard
+  are what the group averages.
 - ``"reduce_scatter"``: each parameter is split by rows into ``world`` chunks (torch.chunk sizes, as
   DTensor's Shard(0)); rank r receives the mean of its chunk only, handed to ``on_shard_grad`` and the
   full ``p.grad`` is freed at launch (ZeRO 2).
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
+
+from tidal.parallel.shards import like, local
 
 FIRST_BUCKET_BYTES = 1 << 20
 """Cap of the first bucket (the last layers' gradients, ready first), bytes."""
@@ -145,7 +149,7 @@ class GradientBuckets:
             group.append(p)
             # The first bucket is small so that communication starts as early in backward as it can.
             limit = min(bucket_bytes, FIRST_BUCKET_BYTES) if not buckets else bucket_bytes
-            if sum(q.numel() * q.element_size() for q in group) >= limit:
+            if sum(local(q).numel() * q.element_size() for q in group) >= limit:
                 buckets.append(Bucket(len(buckets), current.pop(key), mode))
         for (mode, _), group in current.items():
             buckets.append(Bucket(len(buckets), group, mode))
@@ -153,7 +157,7 @@ class GradientBuckets:
             if b.mode == "reduce_scatter":
                 b.offsets, b.segment = lay_out_segments(b.params, self.world)
             else:
-                b.segment = sum(p.numel() for p in b.params)
+                b.segment = sum(local(p).numel() for p in b.params)
         return buckets
 
     # -- backward ------------------------------------------------------------------------------------
@@ -217,11 +221,11 @@ class GradientBuckets:
                 bucket.buffer = torch.empty(bucket.segment, dtype=bucket.params[0].dtype, device=_device(bucket))
             offset = 0
             for p in bucket.params:
-                n = p.numel()
+                n = local(p).numel()
                 if p.grad is None:
                     bucket.buffer[offset : offset + n].zero_()
                 else:
-                    bucket.buffer[offset : offset + n].copy_(p.grad.reshape(-1))
+                    bucket.buffer[offset : offset + n].copy_(local(p.grad).reshape(-1))
                 offset += n
             bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
@@ -249,13 +253,13 @@ class GradientBuckets:
             if bucket.mode == "all_reduce":
                 offset = 0
                 for p in bucket.params:
-                    n = p.numel()
-                    mean = bucket.buffer[offset : offset + n].view_as(p)
+                    shard = local(p)
+                    mean = bucket.buffer[offset : offset + shard.numel()].view_as(shard)
                     if p.grad is None:
-                        p.grad = mean.clone()
+                        p.grad = like(p, mean.clone())
                     else:
-                        p.grad.copy_(mean)
-                    offset += n
+                        local(p.grad).copy_(mean)
+                    offset += shard.numel()
             else:
                 for p, offsets in zip(bucket.params, bucket.offsets, strict=True):
                     start, end = row_range(p.shape[0], self.world, self.rank)

@@ -8,19 +8,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from tidal.offload.store import empty_aligned
 from tidal.runtime.device import Handle
 
 ALIGN_BYTES = 64
 """Alignment of each tensor inside a chunk's file, bytes (any dtype's itemsize divides it)."""
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `tensor` (a DTensor's local shard), detached, sharing its storage."""
-    with torch.no_grad():
-        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
 
 
 @functools.cache

@@ -46,12 +46,12 @@ from tidal.offload.chunks import (
     fused_on_cpu,
     host_kernel,
     lay_out,
-    local,
     state_slots,
 )
 from tidal.offload.nvme import OffloadError
 from tidal.offload.nvme_store import NvmeStore
 from tidal.offload.store import Store, empty_aligned
+from tidal.parallel.shards import local
 from tidal.runtime.deferred import DeferredTensors
 from tidal.runtime.device import copy_async
 

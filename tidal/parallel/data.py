@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
 from tidal.offload.params import apply_param_offload, fsdp_offload_policy
+from tidal.parallel.shards import like
 from tidal.parallel.topology import Topology
 from tidal.runtime.device import Device
 
@@ -284,12 +285,9 @@ class FullyShardedFSDP2(DataParallel):
         return _sq_sum(self.optimizer_grads()), self.group
 
     def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if isinstance(value, DTensor) or not isinstance(param, DTensor) or value.dim() == 0:
+        if isinstance(value, DTensor) or value.dim() == 0:
             return value
-        # offloaded state is kept as this rank's local shard: present it as the parameter is
-        return DTensor.from_local(
-            value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
+        return like(param, value)  # offloaded state is kept as this rank's local shard
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
