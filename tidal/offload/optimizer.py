@@ -28,10 +28,12 @@ the previous step, so resume from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -53,7 +55,16 @@ from tidal.offload.nvme_store import NvmeStore
 from tidal.offload.store import Store, empty_aligned
 from tidal.parallel.shards import local
 from tidal.runtime.deferred import DeferredTensors
-from tidal.runtime.device import copy_async
+from tidal.runtime.device import Handle, copy_async
+
+
+class StreamedParams(Protocol):
+    """Offloaded parameters (`tidal.offload.params.ParamOffload`): read back, made resident, written and freed."""
+
+    def prefetch(self, params: list[torch.Tensor]) -> None: ...
+    def materialize(self, params: list[torch.Tensor]) -> None: ...
+    def evict(self, params: list[torch.Tensor], changed: bool) -> None: ...
+
 
 READ_AHEAD = 2
 """Chunks whose reads are under way while one chunk is updated."""
@@ -79,6 +90,7 @@ class OffloadedOptimizer:
         self.chunks = self._make_chunks(config.optimizer.chunk_mb * 2**20, config.optimizer.ratio)
         optimizer.state.clear()  # state a constructor made (Adagrad's) is remade per chunk on its tier
         self.staging = [Staging() for _ in range(READ_AHEAD + 2)]
+        self.params: StreamedParams | None = None
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -110,6 +122,11 @@ class OffloadedOptimizer:
             return None  # the parameter itself is updated in place
         return empty_aligned(shard.shape, torch.float32).copy_(shard)
 
+    def stream_params(self, params: StreamedParams) -> None:
+        """Parameters that live offloaded too (ZeRO-3 parameter offload): each chunk's are read with its
+        state, updated, written back and freed, so the step never holds every parameter at once."""
+        self.params = params
+
     # -- the step -----------------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -123,7 +140,8 @@ class OffloadedOptimizer:
     def _run(self, zero_grads: bool) -> None:
         for chunk in self.chunks:
             if chunk.tier == "device":
-                self._update(chunk, [local(p) for p in chunk.params], self._grads(chunk, zero_grads), zero_grads)
+                with self._resident(chunk):
+                    self._update(chunk, [local(p) for p in chunk.params], self._grads(chunk, zero_grads), zero_grads)
         tiered = [c for c in self.chunks if c.tier != "device"]
         started = 0
         errors: list[BaseException] = []
@@ -145,6 +163,8 @@ class OffloadedOptimizer:
     def _start_read(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
         """Start bringing `chunk`'s state (nvme) and gradients (when not fp32 host tensors) into `staging`."""
         staging.settle()  # the chunk that used this buffer before has been written
+        if self.params is not None:
+            self.params.prefetch(chunk.params)
         if chunk.tier == "nvme" and chunk.layout:
             staging.pending.append(self.store.read(chunk.key, out=staging.reserve(chunk.nbytes)))
         shards = [local(p) for p in chunk.params]
@@ -164,8 +184,27 @@ class OffloadedOptimizer:
                 grad = host
             staging.grads.append(grad)
 
+    @contextlib.contextmanager
+    def _resident(self, chunk: Chunk) -> Iterator[list[Handle[object]]]:
+        """The chunk's streamed parameters resident inside; after the copies into them (the handles the
+        body adds to the yielded list) they are written back and freed."""
+        copies: list[Handle[object]] = []
+        if self.params is None:
+            yield copies
+            return
+        self.params.materialize(chunk.params)
+        yield copies
+        for handle in copies:
+            handle.wait()
+        self.params.evict(chunk.params, changed=True)
+
     def _update_tiered(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
         staging.settle()
+        with self._resident(chunk) as copies:
+            copies += self._update_chunk(chunk, staging, zero_grads)
+
+    def _update_chunk(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> list[Handle[object]]:
+        """Update one host chunk in `staging`; returns the copies of updated masters into the parameters."""
         nvme = chunk.tier == "nvme"
         buffer = staging.reserve(chunk.nbytes)
         works = []
@@ -180,12 +219,15 @@ class OffloadedOptimizer:
                 works.append(local(p) if master is None else master)
         self._update(chunk, works, staging.grads, zero_grads, buffer if nvme else None)
         staging.grads = []
+        copies = []
         for p, work in zip(chunk.params, works, strict=True):
             shard = local(p)
             if work.data_ptr() != shard.data_ptr():
-                staging.pending.append(copy_async(shard, work))
+                copies.append(copy_async(shard, work))
+        staging.pending += copies
         if nvme:
             self._write(chunk, works, staging)
+        return copies
 
     @staticmethod
     def _grads(chunk: Chunk, zero: bool) -> list[torch.Tensor | None]:

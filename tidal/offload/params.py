@@ -152,6 +152,11 @@ class ParamOffload:
         """Bytes of streamed shards in memory now (storage sizes), on this rank."""
         return sum(s.data.untyped_storage().nbytes() for unit in self._units for s in unit)
 
+    def prefetch(self, params: Iterable[torch.Tensor]) -> None:
+        """Start reading these parameters back (not waiting); `materialize` finishes the reads."""
+        for s in self._shards(params):
+            self._start_read(s)
+
     def materialize(self, params: Iterable[torch.Tensor]) -> None:
         """Make these parameters resident (blocking; the reads run together); others are ignored."""
         shards = self._shards(params)

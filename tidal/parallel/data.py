@@ -266,8 +266,6 @@ class FullyShardedFSDP2(DataParallel):
             group["params"] = [by_name[names[id(p)]] for p in group["params"]]
         self._synced = True
         self.param_offload = apply_param_offload(model, blocks, config.offload.params, config.offload.nvme, device)
-        if self.param_offload is not None:
-            self.param_offload.attach_optimizer(optimizer)  # shards resident for the step, written back after
 
     def prepare_backward(self, boundary: bool) -> None:
         if boundary != self._synced:  # the setter walks every module: only when it changes

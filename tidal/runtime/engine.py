@@ -75,6 +75,11 @@ class Engine:
             model, optimizer, self.topology, config, context.device, on_comm=self._observe_comm
         )
         self.optimizer_offload: OffloadedOptimizer | None = offload_optimizer(optimizer, config.offload)
+        param_offload = getattr(self.dp, "param_offload", None)
+        if param_offload is not None and self.optimizer_offload is not None:
+            self.optimizer_offload.stream_params(param_offload)  # chunk by chunk, beside the optimizer state
+        elif param_offload is not None:
+            param_offload.attach_optimizer(optimizer)  # every shard resident for the step, written back after
         self.activation_offload: ActivationOffload | None = apply_activation_offload(
             model, config.offload.activations, config.offload.nvme, context.device.torch_device
         )
