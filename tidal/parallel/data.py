@@ -19,6 +19,7 @@ any stage and data-parallel size loads under any other.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -28,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
 from tidal.offload.params import apply_param_offload, fsdp_offload_policy
-from tidal.parallel.shards import like
+from tidal.parallel.shards import like, local
 from tidal.parallel.topology import Topology
 from tidal.runtime.device import Device
 
@@ -47,6 +48,9 @@ class DataParallel:
         self.mesh = topology.submesh("dp_sp")
         self.world = topology.size("dp_sp")
         self.rank = topology.rank("dp_sp")
+        self.model_parallel = topology.size("world") > self.world
+        """Other ranks hold other parts of the model (tensor, pipeline or expert parallel)."""
+        self.world_group = topology.group("world")
         if optimizer.state:
             raise RuntimeError(
                 "tidal.wrap() got an optimizer that has already stepped; wrap it before its first step "
@@ -63,7 +67,13 @@ class DataParallel:
         return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
-        """This rank's share of the squared gradient norm, and the group to sum it over (None: local)."""
+        """This rank's share of the squared gradient norm, and the group to sum it over (None: local).
+
+        With model parallelism (tensor, pipeline, ...) every rank's share counts each piece of a
+        gradient once over the whole job: a piece held by r ranks (data-parallel replicas, DTensor
+        Replicate dimensions) adds 1/r of its square on each, and the shares are summed over the world."""
+        if self.model_parallel:
+            return _sq_sum(self.optimizer_grads(), self.world), self.world_group
         return _sq_sum(self.optimizer_grads()), None
 
     def drop_grads(self) -> None:
@@ -107,7 +117,7 @@ class DataParallel:
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for t in [*self.model.parameters(), *self.model.buffers()]:
-                dist.broadcast(t.data, src=src, group=self.group)
+                dist.broadcast(local(t), src=src, group=self.group)  # a tensor-parallel shard: its dp replicas
 
 
 def _chunks(params: list[torch.nn.Parameter], limit_bytes: int) -> list[list[torch.nn.Parameter]]:
@@ -123,12 +133,24 @@ def _chunks(params: list[torch.nn.Parameter], limit_bytes: int) -> list[list[tor
     return [g for g in groups if g]
 
 
-def _sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squared entries of the local parts of `grads`, as a float64 scalar."""
-    local = [(g.to_local() if isinstance(g, DTensor) else g).detach() for g in grads]
-    if not local:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.nn.utils.get_total_norm(local).double() ** 2
+def _sq_sum(grads: list[torch.Tensor], replicas: int = 1) -> torch.Tensor:
+    """Sum of squared entries of the local parts of `grads`, as a float64 scalar; each part divided by the
+    number of ranks holding it: `replicas` times the sizes of its DTensor Replicate mesh dimensions."""
+    by_count: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        by_count.setdefault(replicas * _replicated(g), []).append(local(g))
+    total = torch.zeros((), dtype=torch.float64)
+    for count, parts in by_count.items():
+        total += torch.nn.utils.get_total_norm(parts).double() ** 2 / count
+    return total
+
+
+def _replicated(tensor: torch.Tensor) -> int:
+    """How many ranks of its mesh hold each element of a DTensor (product of Replicate dimensions); 1 if plain."""
+    if not isinstance(tensor, DTensor):
+        return 1
+    mesh = tensor.device_mesh
+    return math.prod(mesh.size(i) for i, placement in enumerate(tensor.placements) if placement.is_replicate())
 
 
 class Replicated(DataParallel):
@@ -194,6 +216,8 @@ class ShardedOptimizer(DataParallel):
         sharded = [s.grad for s in self.shards.values() if s.grad is not None]
         replicated = [p.grad for p in self.model.parameters() if p.grad is not None and p not in self.shards]
         total = _sq_sum(sharded)
+        if self.model_parallel:
+            return total + _sq_sum(replicated, self.world), self.world_group
         if self.rank == 0:  # replicated gradients are equal on every rank: count them once
             total += _sq_sum(replicated)
         return total, self.group
@@ -280,7 +304,7 @@ class FullyShardedFSDP2(DataParallel):
             )
 
     def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
-        return _sq_sum(self.optimizer_grads()), self.group
+        return _sq_sum(self.optimizer_grads()), self.world_group if self.model_parallel else self.group
 
     def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if isinstance(value, DTensor) or value.dim() == 0:
