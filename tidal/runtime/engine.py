@@ -30,13 +30,11 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from tidal.config import Config
-from tidal.offload.activations import ActivationOffload, apply_activation_offload
-from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
-from tidal.parallel.data import apply_data_parallel
 from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
 from tidal.runtime.deferred import DeferredTensors
 from tidal.runtime.metrics import CommRecord, StepMetrics
+from tidal.runtime.parallelize import parallelize
 from tidal.runtime.precision import LossScaler, autocast, global_grad_norm, scale_grads_
 
 ENGINE_ATTR = "_tidal_engine"
@@ -71,18 +69,11 @@ class Engine:
         )
         if config.logging.trace:
             atexit.register(self.metrics.write_trace)
-        self.dp = apply_data_parallel(
-            model, optimizer, self.topology, config, context.device, on_comm=self._observe_comm
-        )
-        self.optimizer_offload: OffloadedOptimizer | None = offload_optimizer(optimizer, config.offload)
-        param_offload = getattr(self.dp, "param_offload", None)
-        if param_offload is not None and self.optimizer_offload is not None:
-            self.optimizer_offload.stream_params(param_offload)  # chunk by chunk, beside the optimizer state
-        elif param_offload is not None:
-            param_offload.attach_optimizer(optimizer)  # every shard resident for the step, written back after
-        self.activation_offload: ActivationOffload | None = apply_activation_offload(
-            model, config.offload.activations, config.offload.nvme, context.device.torch_device
-        )
+        parts = parallelize(model, optimizer, config, context, on_comm=self._observe_comm)
+        self.dp = parts.dp
+        self.sequence = parts.sequence
+        self.optimizer_offload = parts.optimizer_offload
+        self.activation_offload = parts.activation_offload
         self.global_step = 0
         self.micro_step = 0
         self._no_sync = False
@@ -138,7 +129,10 @@ class Engine:
         boundary = not self._no_sync and self.micro_step % self.accumulation == 0
         self.dp.prepare_backward(boundary)
         samples, tokens = _batch_size(args, kwargs)
-        world = self.dp.world  # ranks see equal micro-batches: the job's throughput is world times this rank's
+        # ranks see equal micro-batches: the job's throughput is (data-parallel ranks) times this rank's; a
+        # sequence-parallel rank holds 1/sp of its samples' tokens
+        world = self.dp.world
+        samples = samples and samples // self.topology.size("sp")
         self.metrics.observe_batch(samples and samples * world, tokens and tokens * world)
 
     def _observe_output(self, out: Any) -> None:
@@ -373,10 +367,10 @@ class CommWatch:
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     p = config.parallel
-    for name in ("tp", "pp", "sp", "ep"):
+    for name in ("tp", "pp", "ep"):
         if getattr(p, name) != 1:
             raise NotImplementedError(
-                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data parallel and ZeRO so far; "
+                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data and sequence parallel and ZeRO so far; "
                 f"set parallel.{name}=1"
             )
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -424,10 +418,12 @@ def wrap(
     """
     context = current() or init(config)
     cfg = context.config if config is None else resolve_config(config)
-    if cfg.parallel != context.config.parallel:
+    wanted = {n: getattr(cfg.parallel, n) for n in ("pp", "dp", "sp", "tp", "ep")}
+    built = {n: getattr(context.config.parallel, n) for n in wanted}
+    if any(wanted[n] != built[n] and "auto" not in (wanted[n], built[n]) for n in wanted):
         raise ValueError(
-            f"tidal.wrap() got parallel sizes {cfg.parallel.model_dump()} but tidal.init() built the topology "
-            f"with {context.config.parallel.model_dump()}; pass the same config to both"
+            f"tidal.wrap() got parallel sizes {wanted} but tidal.init() built the topology with {built}; "
+            "pass the same sizes to both (schedules and methods may differ)"
         )
     engine_ = Engine(model, optimizer, cfg, context, lr_scheduler)
     return engine_.model, engine_.optimizer

@@ -1,0 +1,87 @@
+"""Apply every parallelism and offload to a wrapped model, in one fixed order.
+
+    parts = parallelize(model, optimizer, config, context)
+
+The order (DESIGN.md's flow of one step): sequence parallel attention (it changes how attention runs,
+before anything wraps the modules), then data parallel / ZeRO over ``dp_sp`` (FSDP2 for stage 3,
+with parameter offload streaming its shards), then optimizer offload (it takes over the update of the
+parameters ZeRO left to this rank) and activation offload (saved-tensor hooks around each forward).
+Each step is one `apply_*`-style call of its own module; this driver only wires them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tidal.config import Config
+from tidal.offload.activations import ActivationOffload, apply_activation_offload
+from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
+from tidal.parallel.data import DataParallel, apply_data_parallel
+from tidal.parallel.sequence import (
+    SequenceParallelAttention,
+    apply_sequence_parallel,
+    shard_batch_for_sequence_parallel,
+)
+from tidal.parallel.topology import Topology
+from tidal.runtime.context import Context
+
+
+@dataclass
+class Parallelized:
+    """What `parallelize` applied; None where a feature is off."""
+
+    dp: DataParallel
+    sequence: SequenceParallelAttention | None
+    optimizer_offload: OffloadedOptimizer | None
+    activation_offload: ActivationOffload | None
+
+
+def parallelize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    context: Context,
+    on_comm: Callable[[str, int, dist.Work], object] | None = None,
+) -> Parallelized:
+    """Apply `config`'s parallel and offload settings to `model` and `optimizer` in place (see the module doc)."""
+    topology = context.topology
+    sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
+    dp = apply_data_parallel(model, optimizer, topology, config, context.device, on_comm=on_comm)
+    optimizer_offload = offload_optimizer(optimizer, config.offload)
+    param_offload = getattr(dp, "param_offload", None)
+    if param_offload is not None and optimizer_offload is not None:
+        optimizer_offload.stream_params(param_offload)  # chunk by chunk, beside the optimizer state
+    elif param_offload is not None:
+        param_offload.attach_optimizer(optimizer)  # every shard resident for the step, written back after
+    activation_offload = apply_activation_offload(
+        model, config.offload.activations, config.offload.nvme, context.device.torch_device
+    )
+    return Parallelized(dp, sequence, optimizer_offload, activation_offload)
+
+
+def apply_sequence_sharding(model: torch.nn.Module, topology: Topology, config: Config) -> SequenceParallelAttention:
+    """Attention over the sp group, and full batches cut into this rank's sequence shard before forward.
+
+    Every rank of an sp group is given the same full batch (data is split by the ``dp`` rank); a forward
+    called with ``input_ids=`` and ``labels=`` keywords is cut into this rank's shard (labels shifted
+    first, so no boundary token is lost). A forward given ``shift_labels`` is taken as already sharded.
+    """
+    attention = apply_sequence_parallel(model, topology, config.parallel.sequence.method)
+
+    def shard(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if args or ids is None or labels is None or "shift_labels" in kwargs:
+            return args, kwargs  # not a full training batch given by keyword: the caller sharded it
+        if ids.shape[1] != labels.shape[1]:
+            raise ValueError(f"input_ids {tuple(ids.shape)} and labels {tuple(labels.shape)} differ in length")
+        extra = {k: kwargs.pop(k) for k in ("attention_mask", "position_ids") if kwargs.get(k) is not None}
+        del kwargs["input_ids"], kwargs["labels"]
+        kwargs.update(shard_batch_for_sequence_parallel(ids, labels, topology, attention.balanced, **extra))
+        return args, kwargs
+
+    model.register_forward_pre_hook(shard, with_kwargs=True)
+    return attention
