@@ -26,8 +26,8 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer Llama from a transformers config, random init."""
+def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A Llama of `layers` layers (default 2) from a transformers config, random init."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -35,7 +35,7 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=SEQ,
@@ -64,7 +64,12 @@ def tiny_mixtral(seed: int = 0) -> torch.nn.Module:
     return MixtralForCausalLM(config)
 
 
-MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mixtral": tiny_mixtral}
+MODELS = {
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "llama4": lambda seed=0: tiny_llama(seed, layers=4),
+    "mixtral": tiny_mixtral,
+}
 
 
 def batches(steps: int, global_batch: int, seed: int = 1) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ ranks, so per-step losses agree to 2e-5 and parameters after the run to 5e-5 abs
 
 import pytest
 import torch.distributed as dist
-from models import batches, full_params, make_optimizer, reference_run, tiny_llama
+from models import MODELS, batches, full_params, make_optimizer, reference_run
 from ranks import run_ranks
 
 import tidal
@@ -16,8 +16,10 @@ from tidal.runtime.context import current
 
 STEPS = 3
 GLOBAL_BATCH = 4
+MODEL = "llama4"  # 4 layers: 2 pipeline ranks x 2 stages each
 LOSS_TOL = 2e-5
 PARAM_TOL = 5e-5
+CLIP = 0.5
 QUIET = {"logging": {"progress": False, "interval": 1000}}
 
 SCENARIOS = {
@@ -26,40 +28,59 @@ SCENARIOS = {
     "sp2-ring-zero3": (2, {"parallel": {"sp": 2, "sequence": {"method": "ring"}}, "zero": {"stage": 3}}),
     "sp2xdp2-ulysses-zero1": (4, {"parallel": {"sp": 2}, "zero": {"stage": 1}}),
     "sp2xdp2-ring-zero3": (4, {"parallel": {"sp": 2, "sequence": {"method": "ring"}}, "zero": {"stage": 3}}),
+    "pp2-1f1b": (2, {"parallel": {"pp": 2, "pipeline": {"schedule": "1f1b", "microbatches": 4}}}),
+    "pp2-gpipe-clip": (
+        2,
+        {"parallel": {"pp": 2, "pipeline": {"schedule": "gpipe"}}, "train": {"gradient_clipping": CLIP}},
+    ),
+    "pp2xdp2-interleaved": (
+        4,
+        {"parallel": {"pp": 2, "pipeline": {"schedule": "interleaved", "stages_per_rank": 2, "microbatches": 2}}},
+    ),
 }
 SIZES = ("pp", "sp", "tp", "ep")
 
 
-def _init_config(world: int) -> dict:
-    """The sizes every scenario of this world size shares (one tidal.init per spawn)."""
-    shared = {n: {s for w, c in SCENARIOS.values() if w == world for s in [c["parallel"].get(n, 1)]} for n in SIZES}
-    assert all(len(v) == 1 for v in shared.values()), f"scenarios of world {world} need one topology: {shared}"
-    return {"parallel": {n: v.pop() for n, v in shared.items()}, **QUIET}
+def _job(config: dict) -> tuple[int, tuple[int, ...]]:
+    """The spawn a scenario runs in: its world size and model-parallel sizes (one tidal.init per spawn)."""
+    world = next(w for w, c in SCENARIOS.values() if c is config)
+    return world, tuple(config["parallel"].get(n, 1) for n in SIZES)
+
+
+JOBS = sorted({_job(config) for _, config in SCENARIOS.values()})
 
 
 def _train(config: dict):
     ctx = current()
-    model = tiny_llama()
+    model = MODELS[MODEL]()
     model, opt = tidal.wrap(model, make_optimizer(model), {**config, **QUIET})
+    engine = tidal.engine(model)
     dp, dp_rank = ctx.topology.size("dp"), ctx.topology.rank("dp")
     losses = []
     for ids in batches(STEPS, GLOBAL_BATCH):
         mine = ids.chunk(dp)[dp_rank]
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if engine.pipeline is not None:
+            loss = engine.train_step(mine)
+        else:
+            loss = model(input_ids=mine, labels=mine).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
         total = loss.detach().reshape(1)
         dist.all_reduce(total, group=ctx.topology.group("dp"))
         losses.append(total.item() / dp)
-    return losses, full_params(model)
+    params = full_params(model)
+    if engine.pipeline is not None:  # a stage's parameters are up to date only on the ranks holding it
+        held = {name for name, _ in engine.pipeline.named_parameters}
+        params = {name: value for name, value in params.items() if name in held}
+    return losses, params
 
 
-def _run(rank: int, world: int) -> dict:
-    tidal.init(_init_config(world))
-    results = {name: _train(config) for name, (w, config) in SCENARIOS.items() if w == world}
-    if world == 2:
-        model = tiny_llama()
+def _run(rank: int, world: int, sizes: tuple[int, ...]) -> dict:
+    tidal.init({"parallel": dict(zip(SIZES, sizes, strict=True)), **QUIET})
+    results = {name: _train(config) for name, (_, config) in SCENARIOS.items() if _job(config) == (world, sizes)}
+    if (world, sizes) == JOBS[0]:
+        model = MODELS[MODEL]()
         try:
             tidal.wrap(model, make_optimizer(model), {"parallel": {"tp": 2}, **QUIET})
         except ValueError as exc:
@@ -71,12 +92,13 @@ def _run(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def runs():
     """Every scenario, one spawn per world size."""
-    return {w: run_ranks(_run, w, timeout=400) for w in sorted({w for w, _ in SCENARIOS.values()})}
+    return {job: run_ranks(_run, job[0], args=(job[1],), timeout=400) for job in JOBS}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return reference_run(STEPS, GLOBAL_BATCH, model_name="llama")
+    """Single-process runs, by clipping threshold."""
+    return {clip: reference_run(STEPS, GLOBAL_BATCH, model_name=MODEL, clip=clip) for clip in (None, CLIP)}
 
 
 pytestmark = pytest.mark.timeout(600)
@@ -84,16 +106,17 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_matches_single_process(runs, reference, name) -> None:
-    world, _ = SCENARIOS[name]
-    ref_losses, ref_params = reference
-    for rank, results in enumerate(runs[world]):
+    config = SCENARIOS[name][1]
+    ref_losses, ref_params = reference[config.get("train", {}).get("gradient_clipping")]
+    for rank, results in enumerate(runs[_job(config)]):
         losses, params = results[name]
         assert losses == pytest.approx(ref_losses, abs=LOSS_TOL), f"{name} rank {rank}"
-        for key, ref in ref_params.items():
-            diff = (params[key] - ref).abs().max().item()
+        assert params, f"{name} rank {rank} holds no parameters"
+        for key, value in params.items():
+            diff = (value - ref_params[key]).abs().max().item()
             assert diff < PARAM_TOL, f"{name} rank {rank} {key}: max |diff| {diff:.2e}"
 
 
 def test_wrap_refuses_sizes_other_than_the_topology(runs) -> None:
-    for results in runs[2]:
+    for results in runs[JOBS[0]]:
         assert "tidal.wrap() got parallel sizes" in results["refused"] and "'sp': 2" in results["refused"]

@@ -156,10 +156,12 @@ def _replicated(tensor: torch.Tensor) -> int:
 class Replicated(DataParallel):
     """ZeRO stage 0: replicas everywhere, gradients all-reduced in buckets during backward."""
 
-    def __init__(self, model, optimizer, topology, bucket_bytes: int, on_comm: CommObserver | None) -> None:
+    def __init__(
+        self, model, optimizer, topology, bucket_bytes: int, on_comm: CommObserver | None, params: list | None = None
+    ) -> None:
         super().__init__(model, optimizer, topology)
         self._broadcast_from_first_rank()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         self.buckets = GradientBuckets(params, ["all_reduce"] * len(params), self.group, bucket_bytes, on_comm=on_comm)
 
     def prepare_backward(self, boundary: bool) -> None:
@@ -331,12 +333,22 @@ def apply_data_parallel(
     config: Config,
     device: Device,
     on_comm: CommObserver | None = None,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> DataParallel:
-    """Choose and build the strategy for ``config.zero.stage`` over the ``dp_sp`` group (on `device`)."""
+    """Choose and build the strategy for ``config.zero.stage`` over the ``dp_sp`` group (on `device`).
+
+    Args:
+        params: the parameters this rank trains (a pipeline stage's); default: all of the model's.
+    """
     stage = config.zero.stage
     bucket_bytes = int(config.comm.bucket_mb * 2**20)
+    if params is not None and stage != 0:
+        raise NotImplementedError(
+            f"zero.stage={stage} with parallel.pp > 1 is not supported yet; use zero.stage=0 with pipeline "
+            "parallelism (or pp=1)"
+        )
     if stage == 0:
-        return Replicated(model, optimizer, topology, bucket_bytes, on_comm)
+        return Replicated(model, optimizer, topology, bucket_bytes, on_comm, params)
     if stage in (1, 2):
         return ShardedOptimizer(model, optimizer, topology, stage, bucket_bytes, on_comm)
     return FullyShardedFSDP2(model, optimizer, topology, config, device)

@@ -71,6 +71,7 @@ class Engine:
             atexit.register(self.metrics.write_trace)
         parts = parallelize(model, optimizer, config, context, on_comm=self._observe_comm)
         self.dp = parts.dp
+        self.pipeline = parts.pipeline
         self.sequence = parts.sequence
         self.optimizer_offload = parts.optimizer_offload
         self.activation_offload = parts.activation_offload
@@ -184,7 +185,7 @@ class Engine:
         if clip is None and not self._logging_step(self.global_step + 1):
             return  # the norm costs a pass over every gradient and a collective: only when it is used
         sq_sum, norm_group = self.dp.grad_sq_sum()
-        norm = global_grad_norm(sq_sum, norm_group if self.dp.world > 1 else None)
+        norm = global_grad_norm(sq_sum, norm_group if self.dp.world > 1 or self.dp.model_parallel else None)
         if clip is not None and norm > clip:
             scale_grads_(self.dp.optimizer_grads(), clip / (norm + 1e-6))
         self.metrics.observe_grad_norm(norm)
@@ -243,6 +244,36 @@ class Engine:
             self.lr_scheduler.step()
         return True
 
+    def train_step(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on `batch` through the pipeline (parallel.pp > 1): its micro-batches run on the
+        configured schedule, gradients are reduced over the data-parallel ranks, the optimizer (and the
+        scheduler) steps. Every rank of a pipeline calls it with the same batch: token ids [B, S], or a
+        dict with ``input_ids`` and optional ``labels``. Returns the mean loss, on every rank."""
+        if self.pipeline is None:
+            raise RuntimeError(
+                "engine.train_step(batch) runs pipeline parallelism (parallel.pp > 1); with pp=1 "
+                "call the model in your loop"
+            )
+        if self.accumulation != 1:
+            raise ValueError(
+                f"train.gradient_accumulation_steps={self.accumulation} with pipeline parallelism: the pipeline's "
+                "micro-batches are the accumulation; set it to 1 and parallel.pipeline.microbatches instead"
+            )
+        self.micro_step += 1
+        self.dp.prepare_backward(False)  # the schedule runs many backwards: reduce once, before the step
+        offload = self.activation_offload
+        with (
+            self.metrics.span("pipeline"),
+            autocast(self.config.precision, self.context.device.type),
+            offload.forward_context() if offload is not None else contextlib.nullcontext(),
+        ):
+            loss = self.pipeline.train_step(batch)
+        ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
+        self.metrics.observe_batch(ids.shape[0] * self.dp.world, ids.numel() * self.dp.world)
+        self._losses.append(loss.detach())
+        self.step()
+        return loss
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Forward passes inside accumulate gradients locally, with no communication in their backward."""
@@ -261,7 +292,12 @@ class Engine:
         return Path(root)
 
     def _tensor_state(self, offloaded: dict | None = None) -> dict:
-        return {"model": self.model.state_dict(), "optim": {"state": self.dp.optimizer_state(offloaded)}}
+        model = self.model.state_dict()
+        if self.pipeline is not None:  # a stage holds its own parameters: the others are not this rank's to save
+            held = {name for name, _ in self.pipeline.named_parameters}
+            params = {name for name, _ in self.model.named_parameters()}
+            model = {k: v for k, v in model.items() if k in held or k not in params}
+        return {"model": model, "optim": {"state": self.dp.optimizer_state(offloaded)}}
 
     def _offloaded_state(self, deferred: DeferredTensors) -> dict | None:
         """The offloaded optimizer's state by parameter (NVMe state as `deferred` placeholders), or None."""
@@ -367,10 +403,10 @@ class CommWatch:
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     p = config.parallel
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "ep"):
         if getattr(p, name) != 1:
             raise NotImplementedError(
-                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data and sequence parallel and ZeRO so far; "
+                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data, sequence and pipeline parallel so far; "
                 f"set parallel.{name}=1"
             )
     if not isinstance(optimizer, torch.optim.Optimizer):

@@ -2,10 +2,11 @@
 
     parts = parallelize(model, optimizer, config, context)
 
-The order (DESIGN.md's flow of one step): sequence parallel attention (it changes how attention runs,
-before anything wraps the modules), then data parallel / ZeRO over ``dp_sp`` (FSDP2 for stage 3,
-with parameter offload streaming its shards), then optimizer offload (it takes over the update of the
-parameters ZeRO left to this rank) and activation offload (saved-tensor hooks around each forward).
+The order (DESIGN.md's flow of one step): the pipeline split (this rank's stages), sequence parallel
+attention (it changes how attention runs, before anything wraps the modules), then data parallel / ZeRO
+over ``dp_sp`` (FSDP2 for stage 3, with parameter offload streaming its shards), then optimizer offload
+(it takes over the update of the parameters ZeRO left to this rank) and activation offload
+(saved-tensor hooks around each forward).
 Each step is one `apply_*`-style call of its own module; this driver only wires them together.
 """
 
@@ -21,6 +22,7 @@ from tidal.config import Config
 from tidal.offload.activations import ActivationOffload, apply_activation_offload
 from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from tidal.parallel.data import DataParallel, apply_data_parallel
+from tidal.parallel.pipeline import PipelineRunner
 from tidal.parallel.sequence import (
     SequenceParallelAttention,
     apply_sequence_parallel,
@@ -35,6 +37,7 @@ class Parallelized:
     """What `parallelize` applied; None where a feature is off."""
 
     dp: DataParallel
+    pipeline: PipelineRunner | None
     sequence: SequenceParallelAttention | None
     optimizer_offload: OffloadedOptimizer | None
     activation_offload: ActivationOffload | None
@@ -49,8 +52,10 @@ def parallelize(
 ) -> Parallelized:
     """Apply `config`'s parallel and offload settings to `model` and `optimizer` in place (see the module doc)."""
     topology = context.topology
+    pipeline = PipelineRunner(model, topology, config) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
-    dp = apply_data_parallel(model, optimizer, topology, config, context.device, on_comm=on_comm)
+    held = None if pipeline is None else [p for _, p in pipeline.named_parameters]
+    dp = apply_data_parallel(model, optimizer, topology, config, context.device, on_comm=on_comm, params=held)
     optimizer_offload = offload_optimizer(optimizer, config.offload)
     param_offload = getattr(dp, "param_offload", None)
     if param_offload is not None and optimizer_offload is not None:
@@ -60,7 +65,7 @@ def parallelize(
     activation_offload = apply_activation_offload(
         model, config.offload.activations, config.offload.nvme, context.device.torch_device
     )
-    return Parallelized(dp, sequence, optimizer_offload, activation_offload)
+    return Parallelized(dp, pipeline, sequence, optimizer_offload, activation_offload)
 
 
 def apply_sequence_sharding(model: torch.nn.Module, topology: Topology, config: Config) -> SequenceParallelAttention:
