@@ -53,6 +53,13 @@ class SequenceConfig(_Section):
     """Sequence-parallel attention: ulysses (all-to-all) or ring; default ulysses."""
 
 
+class TensorConfig(_Section):
+    sequence_parallel: bool = False
+    """Shard norms and dropout along the sequence inside the tp group (Megatron-style); default False."""
+    loss_parallel: bool = True
+    """Vocabulary-parallel cross-entropy: no rank holds full-vocabulary logits; default True."""
+
+
 class ParallelConfig(_Section):
     dp: _Positive | Literal["auto"] = "auto"
     """Data-parallel size, ranks; default auto (the ranks left after pp*sp*tp)."""
@@ -68,6 +75,8 @@ class ParallelConfig(_Section):
     """Pipeline schedule settings."""
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     """Sequence-parallel settings."""
+    tensor: TensorConfig = Field(default_factory=TensorConfig)
+    """Tensor-parallel settings."""
 
 
 class TrainConfig(_Section):

@@ -28,6 +28,9 @@ SCENARIOS = {
     "sp2-ring-zero3": (2, {"parallel": {"sp": 2, "sequence": {"method": "ring"}}, "zero": {"stage": 3}}),
     "sp2xdp2-ulysses-zero1": (4, {"parallel": {"sp": 2}, "zero": {"stage": 1}}),
     "sp2xdp2-ring-zero3": (4, {"parallel": {"sp": 2, "sequence": {"method": "ring"}}, "zero": {"stage": 3}}),
+    "tp2": (2, {"parallel": {"tp": 2}}),
+    "tp2-seqpar-zero3": (2, {"parallel": {"tp": 2, "tensor": {"sequence_parallel": True}}, "zero": {"stage": 3}}),
+    "tp2xdp2-clip": (4, {"parallel": {"tp": 2}, "train": {"gradient_clipping": CLIP}}),
     "pp2-1f1b": (2, {"parallel": {"pp": 2, "pipeline": {"schedule": "1f1b", "microbatches": 4}}}),
     "pp2-gpipe-clip": (
         2,
@@ -82,7 +85,7 @@ def _run(rank: int, world: int, sizes: tuple[int, ...]) -> dict:
     if (world, sizes) == JOBS[0]:
         model = MODELS[MODEL]()
         try:
-            tidal.wrap(model, make_optimizer(model), {"parallel": {"tp": 2}, **QUIET})
+            tidal.wrap(model, make_optimizer(model), {"parallel": {"sp": 3}, **QUIET})
         except ValueError as exc:
             results["refused"] = str(exc)
     tidal.shutdown()
@@ -119,4 +122,4 @@ def test_matches_single_process(runs, reference, name) -> None:
 
 def test_wrap_refuses_sizes_other_than_the_topology(runs) -> None:
     for results in runs[JOBS[0]]:
-        assert "tidal.wrap() got parallel sizes" in results["refused"] and "'sp': 2" in results["refused"]
+        assert "tidal.wrap() got parallel sizes" in results["refused"] and "'sp': 3" in results["refused"]

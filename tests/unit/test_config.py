@@ -27,6 +27,7 @@ NON_DEFAULT = {
         "ep": 2,
         "pipeline": {"schedule": "interleaved", "microbatches": 8, "stages_per_rank": 2},
         "sequence": {"method": "ring"},
+        "tensor": {"sequence_parallel": True, "loss_parallel": False},
     },
     "train": {
         "micro_batch_size": 4,

@@ -51,6 +51,7 @@ class DataParallel:
         self.model_parallel = topology.size("world") > self.world
         """Other ranks hold other parts of the model (tensor, pipeline or expert parallel)."""
         self.world_group = topology.group("world")
+        self.tp = topology.size("tp")
         if optimizer.state:
             raise RuntimeError(
                 "tidal.wrap() got an optimizer that has already stepped; wrap it before its first step "
@@ -73,7 +74,7 @@ class DataParallel:
         gradient once over the whole job: a piece held by r ranks (data-parallel replicas, DTensor
         Replicate dimensions) adds 1/r of its square on each, and the shares are summed over the world."""
         if self.model_parallel:
-            return _sq_sum(self.optimizer_grads(), self.world), self.world_group
+            return _sq_sum(self.optimizer_grads(), self.world, self.tp), self.world_group
         return _sq_sum(self.optimizer_grads()), None
 
     def drop_grads(self) -> None:
@@ -133,22 +134,23 @@ def _chunks(params: list[torch.nn.Parameter], limit_bytes: int) -> list[list[tor
     return [g for g in groups if g]
 
 
-def _sq_sum(grads: list[torch.Tensor], replicas: int = 1) -> torch.Tensor:
+def _sq_sum(grads: list[torch.Tensor], replicas: int = 1, plain: int = 1) -> torch.Tensor:
     """Sum of squared entries of the local parts of `grads`, as a float64 scalar; each part divided by the
     number of ranks holding it: `replicas` times the sizes of its DTensor Replicate mesh dimensions."""
     by_count: dict[int, list[torch.Tensor]] = {}
     for g in grads:
-        by_count.setdefault(replicas * _replicated(g), []).append(local(g))
+        by_count.setdefault(replicas * _replicated(g, plain), []).append(local(g))
     total = torch.zeros((), dtype=torch.float64)
     for count, parts in by_count.items():
         total += torch.nn.utils.get_total_norm(parts).double() ** 2 / count
     return total
 
 
-def _replicated(tensor: torch.Tensor) -> int:
-    """How many ranks of its mesh hold each element of a DTensor (product of Replicate dimensions); 1 if plain."""
+def _replicated(tensor: torch.Tensor, plain: int = 1) -> int:
+    """How many ranks of its mesh hold each element of a DTensor (product of Replicate dimensions); `plain`
+    for a plain tensor (the tensor-parallel size: such parameters are copies on every tp rank)."""
     if not isinstance(tensor, DTensor):
-        return 1
+        return plain
     mesh = tensor.device_mesh
     return math.prod(mesh.size(i) for i, placement in enumerate(tensor.placements) if placement.is_replicate())
 
@@ -306,7 +308,9 @@ class FullyShardedFSDP2(DataParallel):
             )
 
     def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
-        return _sq_sum(self.optimizer_grads()), self.world_group if self.model_parallel else self.group
+        if self.model_parallel:
+            return _sq_sum(self.optimizer_grads(), plain=self.tp), self.world_group
+        return _sq_sum(self.optimizer_grads()), self.group
 
     def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if isinstance(value, DTensor) or value.dim() == 0:

@@ -71,6 +71,7 @@ class Engine:
             atexit.register(self.metrics.write_trace)
         parts = parallelize(model, optimizer, config, context, on_comm=self._observe_comm)
         self.dp = parts.dp
+        self.tensor = parts.tensor
         self.pipeline = parts.pipeline
         self.sequence = parts.sequence
         self.optimizer_offload = parts.optimizer_offload
@@ -403,12 +404,17 @@ class CommWatch:
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     p = config.parallel
-    for name in ("tp", "ep"):
-        if getattr(p, name) != 1:
-            raise NotImplementedError(
-                f"parallel.{name}={getattr(p, name)}: tidal.wrap() runs data, sequence and pipeline parallel so far; "
-                f"set parallel.{name}=1"
-            )
+    if p.ep != 1:
+        raise NotImplementedError(
+            f"parallel.ep={p.ep}: tidal.wrap() does not run expert parallelism yet (tidal.parallel.expert has the "
+            "layer); set parallel.ep=1"
+        )
+    if p.tp > 1 and config.zero.stage in (1, 2):
+        raise NotImplementedError(
+            f"zero.stage={config.zero.stage} with parallel.tp={p.tp} is not supported yet; use zero.stage 0 or 3"
+        )
+    if p.tp > 1 and p.pp > 1:
+        raise NotImplementedError("parallel.tp > 1 with parallel.pp > 1 is not supported yet; use one of them")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"tidal.wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if hasattr(model, ENGINE_ATTR):

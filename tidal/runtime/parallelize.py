@@ -2,7 +2,8 @@
 
     parts = parallelize(model, optimizer, config, context)
 
-The order (DESIGN.md's flow of one step): the pipeline split (this rank's stages), sequence parallel
+The order (DESIGN.md's flow of one step): tensor parallel (after the model is on its device: moving
+a model with DTensor parameters loses their gradient hooks), the pipeline split (this rank's stages), sequence parallel
 attention (it changes how attention runs, before anything wraps the modules), then data parallel / ZeRO
 over ``dp_sp`` (FSDP2 for stage 3, with parameter offload streaming its shards), then optimizer offload
 (it takes over the update of the parameters ZeRO left to this rank) and activation offload
@@ -28,6 +29,7 @@ from tidal.parallel.sequence import (
     apply_sequence_parallel,
     shard_batch_for_sequence_parallel,
 )
+from tidal.parallel.tensor import TensorParallelInfo, apply_tensor_parallel
 from tidal.parallel.topology import Topology
 from tidal.runtime.context import Context
 
@@ -37,6 +39,7 @@ class Parallelized:
     """What `parallelize` applied; None where a feature is off."""
 
     dp: DataParallel
+    tensor: TensorParallelInfo | None
     pipeline: PipelineRunner | None
     sequence: SequenceParallelAttention | None
     optimizer_offload: OffloadedOptimizer | None
@@ -52,6 +55,7 @@ def parallelize(
 ) -> Parallelized:
     """Apply `config`'s parallel and offload settings to `model` and `optimizer` in place (see the module doc)."""
     topology = context.topology
+    tensor = apply_tensor_sharding(model, optimizer, topology, config) if config.parallel.tp > 1 else None
     pipeline = PipelineRunner(model, topology, config) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
     held = None if pipeline is None else [p for _, p in pipeline.named_parameters]
@@ -65,7 +69,24 @@ def parallelize(
     activation_offload = apply_activation_offload(
         model, config.offload.activations, config.offload.nvme, context.device.torch_device
     )
-    return Parallelized(dp, pipeline, sequence, optimizer_offload, activation_offload)
+    return Parallelized(dp, tensor, pipeline, sequence, optimizer_offload, activation_offload)
+
+
+def apply_tensor_sharding(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, config: Config
+) -> TensorParallelInfo:
+    """Tensor parallel over the tp group, with the optimizer pointed at the new (DTensor) parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    info = apply_tensor_parallel(
+        model,
+        topology,
+        sequence_parallel=config.parallel.tensor.sequence_parallel,
+        loss_parallel=config.parallel.tensor.loss_parallel,
+    )
+    by_name = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [by_name[names[id(p)]] for p in group["params"]]
+    return info
 
 
 def apply_sequence_sharding(model: torch.nn.Module, topology: Topology, config: Config) -> SequenceParallelAttention:
