@@ -113,6 +113,8 @@ class GradientBuckets:
             (shape ``(end - start, *param.shape[1:])``) once the bucket's reduction completes.
         on_comm: optional ``fn(name, nbytes, work)`` for metrics, called at each launch; it may return
             an object whose ``blocked()`` context manager is entered around the wait.
+        scale: factor applied to the summed gradients; default 1 / group size (the mean). Expert
+            gradients are summed over ``edp`` and divided by the ``dp_sp`` size.
     """
 
     def __init__(
@@ -123,8 +125,10 @@ class GradientBuckets:
         bucket_bytes: int,
         on_shard_grad: Callable[[torch.nn.Parameter, torch.Tensor], None] | None = None,
         on_comm: Callable[[str, int, dist.Work], object] | None = None,
+        scale: float | None = None,
     ) -> None:
         self.group = group
+        self.scale = scale
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.on_shard_grad = on_shard_grad
@@ -249,7 +253,7 @@ class GradientBuckets:
             with bucket.blocked():
                 bucket.work.wait()
             bucket.work = None
-            bucket.buffer.mul_(1.0 / self.world)
+            bucket.buffer.mul_(1.0 / self.world if self.scale is None else self.scale)
             if bucket.mode == "all_reduce":
                 offset = 0
                 for p in bucket.params:

@@ -48,7 +48,7 @@ class DataParallel:
         self.mesh = topology.submesh("dp_sp")
         self.world = topology.size("dp_sp")
         self.rank = topology.rank("dp_sp")
-        self.model_parallel = topology.size("world") > self.world
+        self.model_parallel = topology.size("world") > self.world or topology.size("ep") > 1
         """Other ranks hold other parts of the model (tensor, pipeline or expert parallel)."""
         self.world_group = topology.group("world")
         self.tp = topology.size("tp")
@@ -114,10 +114,12 @@ class DataParallel:
     def _global_view(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def _broadcast_from_first_rank(self) -> None:
+    def _broadcast_from_first_rank(self, skip: set[int] = frozenset()) -> None:
         src = dist.get_global_rank(self.group, 0)
         with torch.no_grad():
             for t in [*self.model.parameters(), *self.model.buffers()]:
+                if id(t) in skip:
+                    continue
                 dist.broadcast(local(t), src=src, group=self.group)  # a tensor-parallel shard: its dp replicas
 
 
@@ -162,16 +164,51 @@ class Replicated(DataParallel):
         self, model, optimizer, topology, bucket_bytes: int, on_comm: CommObserver | None, params: list | None = None
     ) -> None:
         super().__init__(model, optimizer, topology)
-        self._broadcast_from_first_rank()
         params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-        self.buckets = GradientBuckets(params, ["all_reduce"] * len(params), self.group, bucket_bytes, on_comm=on_comm)
+        # Expert parameters (expert parallel) differ across the ep ranks: they are broadcast and reduced over
+        # edp, their gradients summed there and divided by the dp_sp size (backward's all-to-all already
+        # brought every ep rank's tokens' contribution to the expert's owner).
+        self.experts = [p for p in params if getattr(p, "_tidal_expert", False)]
+        expert_ids = {id(p) for p in self.experts}
+        dense = [p for p in params if id(p) not in expert_ids]
+        self._broadcast_from_first_rank(skip=expert_ids)
+        self.buckets = GradientBuckets(dense, ["all_reduce"] * len(dense), self.group, bucket_bytes, on_comm=on_comm)
+        self.expert_buckets = None
+        if self.experts:
+            self.edp = topology.size("edp")
+            edp_group = topology.group("edp")
+            with torch.no_grad():
+                for p in self.experts:
+                    dist.broadcast(local(p), src=dist.get_global_rank(edp_group, 0), group=edp_group)
+            self.expert_buckets = GradientBuckets(
+                self.experts,
+                ["all_reduce"] * len(self.experts),
+                edp_group,
+                bucket_bytes,
+                on_comm=on_comm,
+                scale=1.0 / self.world,
+            )
+
+    def _all_buckets(self) -> list[GradientBuckets]:
+        return [self.buckets] + ([self.expert_buckets] if self.expert_buckets is not None else [])
 
     def prepare_backward(self, boundary: bool) -> None:
-        self.buckets.arm(boundary and self.world > 1)
+        for buckets in self._all_buckets():
+            buckets.arm(boundary and self.world > 1)
 
     def finish_gradients(self) -> None:
-        if self.buckets.pending and self.world > 1:
-            self.buckets.reduce_now()
+        for buckets in self._all_buckets():
+            if buckets.pending and self.world > 1:
+                buckets.reduce_now()
+
+    def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
+        if not self.experts:
+            return super().grad_sq_sum()
+        experts = {id(p) for p in self.experts}
+        named = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        dense = [p.grad for p in named if id(p) not in experts]
+        expert = [p.grad for p in named if id(p) in experts]
+        return _sq_sum(dense, self.world, self.tp) + _sq_sum(expert, self.edp, self.tp), self.world_group
 
 
 class ShardedOptimizer(DataParallel):

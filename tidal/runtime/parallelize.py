@@ -4,7 +4,8 @@
 
 The order (DESIGN.md's flow of one step): tensor parallel (after the model is on its device: moving
 a model with DTensor parameters loses their gradient hooks), the pipeline split (this rank's stages), sequence parallel
-attention (it changes how attention runs, before anything wraps the modules), then data parallel / ZeRO
+attention (it changes how attention runs, before anything wraps the modules), expert parallel (MoE
+blocks become layers holding this rank's experts), then data parallel / ZeRO
 over ``dp_sp`` (FSDP2 for stage 3, with parameter offload streaming its shards), then optimizer offload
 (it takes over the update of the parameters ZeRO left to this rank) and activation offload
 (saved-tensor hooks around each forward).
@@ -23,6 +24,7 @@ from tidal.config import Config
 from tidal.offload.activations import ActivationOffload, apply_activation_offload
 from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from tidal.parallel.data import DataParallel, apply_data_parallel
+from tidal.parallel.expert import MoELayer, apply_expert_parallel
 from tidal.parallel.pipeline import PipelineRunner
 from tidal.parallel.sequence import (
     SequenceParallelAttention,
@@ -42,6 +44,7 @@ class Parallelized:
     tensor: TensorParallelInfo | None
     pipeline: PipelineRunner | None
     sequence: SequenceParallelAttention | None
+    experts: list[MoELayer] | None
     optimizer_offload: OffloadedOptimizer | None
     activation_offload: ActivationOffload | None
 
@@ -58,6 +61,7 @@ def parallelize(
     tensor = apply_tensor_sharding(model, optimizer, topology, config) if config.parallel.tp > 1 else None
     pipeline = PipelineRunner(model, topology, config) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
+    experts = apply_expert_parallel(model, topology, optimizer) if config.parallel.ep > 1 else None
     held = None if pipeline is None else [p for _, p in pipeline.named_parameters]
     dp = apply_data_parallel(model, optimizer, topology, config, context.device, on_comm=on_comm, params=held)
     optimizer_offload = offload_optimizer(optimizer, config.offload)
@@ -69,7 +73,7 @@ def parallelize(
     activation_offload = apply_activation_offload(
         model, config.offload.activations, config.offload.nvme, context.device.torch_device
     )
-    return Parallelized(dp, tensor, pipeline, sequence, optimizer_offload, activation_offload)
+    return Parallelized(dp, tensor, pipeline, sequence, experts, optimizer_offload, activation_offload)
 
 
 def apply_tensor_sharding(
