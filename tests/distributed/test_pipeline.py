@@ -11,7 +11,7 @@ parameters after 3 AdamW steps to 2e-5.
 import pytest
 import torch
 import torch.distributed as dist
-from models import SEQ, VOCAB, batches, full_params, make_optimizer
+from models import SEQ, VOCAB, batches, full_params, make_optimizer, tiny_llama
 from ranks import run_ranks
 
 import tidal
@@ -54,20 +54,7 @@ def gpt2(layers: int = LAYERS) -> torch.nn.Module:
 
 def llama(layers: int = LAYERS) -> torch.nn.Module:
     """A tiny Llama (grouped-query attention, rotary), random init with a fixed seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(seed=0, layers=layers)
 
 
 MODELS = {"gpt2": gpt2, "llama": llama}
