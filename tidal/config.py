@@ -127,6 +127,8 @@ class OptimizerOffloadConfig(_Section):
     """Optimizer state moved and updated per chunk, MiB; default 64.0."""
     ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     """Share of optimizer chunks kept and updated on the device, 0..1; default 0.0."""
+    update_in_backward: bool = True
+    """Update host chunks in backward once their gradients are final (1 rank, ZeRO 0, no clip/fp16); default true."""
 
 
 class ActivationOffloadConfig(_Section):

@@ -23,8 +23,24 @@ PARAM_TOL = 2e-5
 QUIET = {"logging": {"progress": False, "interval": 1000}}
 
 
-def _offload(tier: str, path: str, ratio: float = 0.0) -> dict:
-    return {"optimizer": {"device": tier, "path": path, "chunk_mb": 0.05, "ratio": ratio}}
+def _offload(tier: str, path: str, ratio: float = 0.0, in_backward: bool = True) -> dict:
+    section = {"device": tier, "path": path, "chunk_mb": 0.05, "ratio": ratio, "update_in_backward": in_backward}
+    return {"optimizer": section}
+
+
+ACCUMULATE = {"train": {"gradient_accumulation_steps": 2}}
+
+
+def _accumulated_step(model, opt, ids: torch.Tensor) -> float:
+    """One step over two equal micro-batches of `ids` (one rank): the same gradient as the whole batch."""
+    losses = []
+    for half in ids.chunk(2):
+        loss = model(input_ids=half, labels=half).loss
+        (loss / 2).backward()
+        losses.append(loss.item())
+    opt.step()
+    opt.zero_grad()
+    return sum(losses) / 2
 
 
 def _scenarios(world: int, path: str) -> dict[str, dict]:
@@ -34,6 +50,8 @@ def _scenarios(world: int, path: str) -> dict[str, dict]:
         return {
             "activations-cpu": {"zero": {"stage": 0}, "offload": {"activations": {"device": "cpu", "min_bytes": 1024}}},
             "stage0-nvme": {"zero": {"stage": 0}, "offload": _offload("nvme", path)},
+            "stage0-nvme-at-step": {"zero": {"stage": 0}, "offload": _offload("nvme", path, in_backward=False)},
+            "stage0-nvme-accumulate": {"zero": {"stage": 0}, "offload": _offload("nvme", path), **ACCUMULATE},
             "stage3-cpu": {"zero": {"stage": 3}, "offload": _offload("cpu", path)},
             "params-nvme": {"zero": {"stage": 3}, "offload": params},
         }
@@ -57,12 +75,18 @@ def _train(config: dict, rank: int, world: int, first: int = 0, last: int = STEP
     engine = tidal.engine(model)
     if first > 0:
         assert engine.load() == first
-    losses = [train_step(model, opt, ids, rank, world) for ids in batches(STEPS, GLOBAL_BATCH)[first:last]]
+    accumulate = "train" in config
+    losses = [
+        _accumulated_step(model, opt, ids) if accumulate else train_step(model, opt, ids, rank, world)
+        for ids in batches(STEPS, GLOBAL_BATCH)[first:last]
+    ]
     params = getattr(engine.dp, "param_offload", None)
     with params.resident() if params is not None else contextlib.nullcontext():  # streamed shards read back
         weights = full_params(model)
     offload = engine.optimizer_offload
     chunks = [c.tier for c in offload.chunks] if offload is not None else []
+    if offload is not None and offload.updated_in_backward:
+        chunks.append("updated in backward")
     stored = offload.store.nbytes() if offload is not None and offload.store is not None else 0
     activation = engine.activation_offload
     if activation is not None:
@@ -134,6 +158,9 @@ def test_optimizer_offload_matches_single_process(runs, reference, world, name) 
             assert stored > 0, "nvme state must live in the store"
         if "ratio" in name:
             assert "device" in chunks and "nvme" in chunks
+        # exact only where nothing reduces, clips or rescales a gradient after autograd accumulated it
+        in_backward = world == 1 and name in ("stage0-nvme", "stage0-nvme-accumulate")
+        assert ("updated in backward" in chunks) == in_backward, f"{name}: {chunks}"
 
 
 def test_swap_files_are_gone_after_the_ranks_exit(runs, nvme_parent) -> None:

@@ -47,7 +47,13 @@ NON_DEFAULT = {
         "min_loss_scale": 0.5,
     },
     "offload": {
-        "optimizer": {"device": "nvme", "path": "/nvme/opt", "chunk_mb": 32, "ratio": 0.25},
+        "optimizer": {
+            "device": "nvme",
+            "path": "/nvme/opt",
+            "chunk_mb": 32,
+            "ratio": 0.25,
+            "update_in_backward": False,
+        },
         "activations": {
             "device": "cpu",
             "path": None,

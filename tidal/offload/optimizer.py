@@ -33,6 +33,7 @@ import functools
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -55,7 +56,7 @@ from tidal.offload.nvme_store import NvmeStore
 from tidal.offload.store import Store, empty_aligned
 from tidal.parallel.shards import local
 from tidal.runtime.deferred import DeferredTensors
-from tidal.runtime.device import Handle, copy_async
+from tidal.runtime.device import FutureHandle, Handle, copy_async
 
 
 class StreamedParams(Protocol):
@@ -91,6 +92,19 @@ class OffloadedOptimizer:
         optimizer.state.clear()  # state a constructor made (Adagrad's) is remade per chunk on its tier
         self.staging = [Staging() for _ in range(READ_AHEAD + 2)]
         self.params: StreamedParams | None = None
+        self.order = [c for c in self.chunks if c.tier != "device"][::-1]
+        """Host chunks in update order: backward's, last parameters first."""
+        self._read = 0
+        """Chunks of `order` whose reads have started this step."""
+        self._updated = 0
+        """Chunks of `order` updated this step."""
+        self._chain = ThreadPoolExecutor(len(self.staging), thread_name_prefix="tidal-offload-read")
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._position: dict[int, int] = {}
+        self._armed = False
+        self._missing: list[int] = []
+        self.updated_in_backward = 0
+        """Chunk updates that ran during backward (`update_in_backward`), count since construction."""
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -130,43 +144,120 @@ class OffloadedOptimizer:
     # -- the step -----------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Update every parameter that has a gradient; device chunks first (their kernels run async)."""
+        """Update every parameter that has a gradient and was not updated during backward; device chunks
+        first (their kernels run async)."""
         self._run(zero_grads=False)
 
     def create_state(self) -> None:
         """Give every parameter its optimizer state (a step at learning rate 0 on zero gradients)."""
+        self._quiesce()
         self._run(zero_grads=True)
+
+    def update_in_backward(self) -> None:
+        """Update each host chunk as soon as backward has produced all its gradients, instead of at the step.
+
+        Only for a job where a parameter's gradient is final when autograd accumulates it (one data-parallel
+        rank, ZeRO 0, no clipping or fp16 loss scale: nothing rescales or reduces it later); the engine
+        decides. The state's I/O then runs under backward's compute, and the first chunks of the next step
+        are read during the forward. A parameter modified in place after its gradient was accumulated must
+        not be read again by the same backward (true of every use autograd tracks)."""
+        for position, chunk in enumerate(self.order):
+            for p in chunk.params:
+                self._position[id(p)] = position
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def arm(self, boundary: bool) -> None:
+        """Called as each micro-step starts: whether its backward ends the accumulation (updates may run)."""
+        if not self._hooks:
+            return
+        if self._updated and self._armed:
+            raise RuntimeError(
+                "a second backward at an accumulation boundary began before optimizer.step(): the offloaded "
+                "optimizer already updated parameters during the first one; set train.gradient_accumulation_steps "
+                "to the number of backwards per step, or offload.optimizer.update_in_backward=false"
+            )
+        self._armed = boundary
+        self._missing = [sum(p.requires_grad for p in chunk.params) for chunk in self.order]
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        position = self._position[id(param)]
+        self._missing[position] -= 1
+        while self._updated < len(self.order) and self._missing[self._updated] == 0:
+            self._advance(zero_grads=False)
+            self.updated_in_backward += 1
 
     def _run(self, zero_grads: bool) -> None:
         for chunk in self.chunks:
             if chunk.tier == "device":
                 with self._resident(chunk):
                     self._update(chunk, [local(p) for p in chunk.params], self._grads(chunk, zero_grads), zero_grads)
-        tiered = [c for c in self.chunks if c.tier != "device"]
-        started = 0
-        errors: list[BaseException] = []
         try:
-            for i, chunk in enumerate(tiered):
-                while started < len(tiered) and started <= i + READ_AHEAD:
-                    self._start_read(tiered[started], self.staging[started % len(self.staging)], zero_grads)
-                    started += 1
-                self._update_tiered(chunk, self.staging[i % len(self.staging)], zero_grads)
-        finally:
-            for staging in self.staging:
-                try:
-                    staging.settle()
-                except Exception as exc:  # noqa: BLE001 - report the first failure once every transfer ended
-                    errors.append(exc)
-        if errors:
+            while self._updated < len(self.order):
+                self._advance(zero_grads)
+        except BaseException:
+            self._quiesce(raise_errors=False)
+            raise
+        self._armed = False
+        self._quiesce()  # every write finished: a failed one is reported by this step
+        if self._hooks:
+            self._read_ahead()  # the next step's first chunks arrive during its forward
+
+    def _slot(self, position: int) -> Staging:
+        return self.staging[position % len(self.staging)]
+
+    def _read_ahead(self) -> None:
+        """Start the reads of the chunks up to READ_AHEAD past the next one to update."""
+        while self._read < len(self.order) and self._read <= self._updated + READ_AHEAD:
+            self._start_read(self.order[self._read], self._slot(self._read))
+            self._read += 1
+
+    def _advance(self, zero_grads: bool) -> None:
+        """Update the next chunk in order; keep READ_AHEAD reads under way."""
+        self._read_ahead()
+        position = self._updated
+        self._update_tiered(self.order[position], self._slot(position), zero_grads)
+        self._updated += 1
+        self._read_ahead()
+
+    def _quiesce(self, raise_errors: bool = True) -> None:
+        """Wait for every transfer; forget reads started ahead (their files may be rewritten next)."""
+        errors: list[BaseException] = []
+        for staging in self.staging:
+            try:
+                staging.settle()
+            except Exception as exc:  # noqa: BLE001 - report the first failure once every transfer ended
+                errors.append(exc)
+            staging.grads = []
+        self._read = self._updated = 0
+        if errors and raise_errors:
             raise errors[0]
 
-    def _start_read(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
-        """Start bringing `chunk`'s state (nvme) and gradients (when not fp32 host tensors) into `staging`."""
-        staging.settle()  # the chunk that used this buffer before has been written
+    def _start_read(self, chunk: Chunk, staging: Staging) -> None:
+        """Start bringing `chunk`'s state (nvme) into `staging`, after the transfers still using it."""
         if self.params is not None:
             self.params.prefetch(chunk.params)
-        if chunk.tier == "nvme" and chunk.layout:
+        if chunk.tier != "nvme" or not chunk.layout:
+            return
+        earlier, staging.pending = staging.pending, []
+        if all(h.done() for h in earlier):
+            staging.pending += earlier  # settled (and any error raised) with the read
             staging.pending.append(self.store.read(chunk.key, out=staging.reserve(chunk.nbytes)))
+            return
+        # the buffer is still being written from: read once that finished, off this thread
+        out = staging.reserve(chunk.nbytes)
+        read = functools.partial(self._read_after, earlier, chunk.key, out)
+        staging.pending.append(FutureHandle(self._chain.submit(read)))
+
+    def _read_after(self, earlier: list[Handle[object]], key: str, out: torch.Tensor) -> torch.Tensor:
+        for handle in earlier:
+            handle.wait()
+        return self.store.read(key, out=out).wait()
+
+    def _gather_grads(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
+        """The chunk's gradients as fp32 host tensors in `staging.grads` (copies waited for by settle)."""
         shards = [local(p) for p in chunk.params]
         if zero_grads:
             staging.grads = [torch.zeros(shard.shape) for shard in shards]
@@ -180,7 +271,7 @@ class OffloadedOptimizer:
             if grad is not None and any(grad is g for g in moving):
                 host = space[offset : offset + grad.numel()].view(grad.shape)
                 offset += grad.numel()
-                staging.pending.append(copy_async(host, grad))  # device to host and to fp32, behind the reads
+                staging.pending.append(copy_async(host, grad))  # device to host and to fp32
                 grad = host
             staging.grads.append(grad)
 
@@ -199,6 +290,7 @@ class OffloadedOptimizer:
         self.params.evict(chunk.params, changed=True)
 
     def _update_tiered(self, chunk: Chunk, staging: Staging, zero_grads: bool) -> None:
+        self._gather_grads(chunk, staging, zero_grads)
         staging.settle()
         with self._resident(chunk) as copies:
             copies += self._update_chunk(chunk, staging, zero_grads)
@@ -334,6 +426,7 @@ class OffloadedOptimizer:
             deferred: where nvme state becomes placeholders, read (and written back by a load) one tensor
                 at a time by a checkpoint; None reads each nvme chunk into fresh memory, one at a time.
         """
+        self._quiesce()
         for chunk in self.chunks:
             if chunk.tier != "nvme":
                 state = chunk.optimizer.state if chunk.optimizer is not None else {}
@@ -369,6 +462,7 @@ class OffloadedOptimizer:
 
     def refresh_masters(self) -> None:
         """Copy the parameters into their fp32 master copies (after the parameters were loaded)."""
+        self._quiesce()
         for chunk in self.chunks:
             for j, p in enumerate(chunk.params):
                 segment = chunk.layout.get((j, "master"))
@@ -379,6 +473,7 @@ class OffloadedOptimizer:
 
     def load_state(self, state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Copy `state` (as `state_by_param` yields it, for this rank's parameters) into the tier."""
+        self._quiesce()
         for chunk in self.chunks:
             if chunk.tier != "nvme":
                 current = dict(zip(chunk.params, chunk.optimizer.state.values(), strict=False))
@@ -402,8 +497,13 @@ class OffloadedOptimizer:
         return all(c.optimizer is not None and (c.tier != "nvme" or c.layout) for c in self.chunks)
 
     def close(self) -> None:
-        for staging in self.staging:
-            staging.settle()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        try:
+            self._quiesce()
+        finally:
+            self._chain.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
 

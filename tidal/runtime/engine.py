@@ -76,6 +76,8 @@ class Engine:
         self.sequence = parts.sequence
         self.optimizer_offload = parts.optimizer_offload
         self.activation_offload = parts.activation_offload
+        if self.optimizer_offload is not None and self._updates_in_backward():
+            self.optimizer_offload.update_in_backward()
         self.global_step = 0
         self.micro_step = 0
         self._no_sync = False
@@ -123,6 +125,20 @@ class Engine:
         setattr(self.model, ENGINE_ATTR, self)
         setattr(self.optimizer, ENGINE_ATTR, self)
 
+    def _updates_in_backward(self) -> bool:
+        """Whether a gradient is final when autograd accumulates it, so offloaded chunks may update then:
+        nothing reduces (one rank, ZeRO 0), clips (the norm needs every gradient) or unscales it."""
+        return (
+            self.config.offload.optimizer.update_in_backward
+            and self.config.train.gradient_clipping is None
+            and not self.scaler.enabled
+            and self.dp.stage == 0
+            and self.dp.world == 1
+            and not self.dp.model_parallel
+            and self.pipeline is None
+            and self.optimizer_offload.params is None
+        )
+
     def _begin_micro_step(self, args: tuple, kwargs: dict) -> None:
         if self._save_due:
             self._save_due = False
@@ -130,6 +146,8 @@ class Engine:
         self.micro_step += 1
         boundary = not self._no_sync and self.micro_step % self.accumulation == 0
         self.dp.prepare_backward(boundary)
+        if self.optimizer_offload is not None:
+            self.optimizer_offload.arm(boundary)
         samples, tokens = _batch_size(args, kwargs)
         # ranks see equal micro-batches: the job's throughput is (data-parallel ranks) times this rank's; a
         # sequence-parallel rank holds 1/sp of its samples' tokens

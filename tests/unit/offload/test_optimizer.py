@@ -54,13 +54,19 @@ def _offload(opt: torch.optim.Optimizer, tier: str, path, ratio: float = 0.0) ->
     return offload
 
 
-def _train(make_opt, offload_tier: str | None, path, ratio: float = 0.0, lr_decay: bool = False):
+def _train(
+    make_opt, offload_tier: str | None, path, ratio: float = 0.0, lr_decay: bool = False, in_backward: bool = False
+):
     model = _model()
     opt = make_opt(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)) if lr_decay else None
     offload = _offload(opt, offload_tier, path, ratio) if offload_tier else None
+    if in_backward:
+        offload.update_in_backward()
     losses = []
     for x in _data():
+        if in_backward:
+            offload.arm(True)
         loss = model(x).pow(2).mean()
         loss.backward()
         losses.append(loss.item())
@@ -105,6 +111,32 @@ def test_ratio_keeps_a_share_of_chunks_on_the_device_and_follows_the_lr_schedule
     tiers = [chunk.tier for chunk in result[2].chunks]
     assert tiers.count("device") == round(len(tiers) * 0.5) and "nvme" in tiers
     result[2].close()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_updates_during_backward_match_the_in_memory_optimizer(tmp_path, tier) -> None:
+    reference = _train(OPTIMIZERS["adamw"], None, tmp_path, lr_decay=True)
+    result = _train(OPTIMIZERS["adamw"], tier, tmp_path, lr_decay=True, in_backward=True)
+    _assert_same(result, reference)
+    offload = result[2]
+    # every chunk's parameters get their gradients in one backward: each chunk updates there, none at the step
+    assert offload.updated_in_backward == STEPS * len(offload.order)
+    assert [c.index for c in offload.order] == list(range(len(offload.chunks)))[::-1], "last parameters first"
+    offload.close()
+
+
+def test_a_second_backward_before_the_step_is_refused_when_updates_ran_in_backward(tmp_path) -> None:
+    model = _model()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    offload = _offload(opt, "nvme", tmp_path)
+    offload.update_in_backward()
+    x = _data()[0]
+    offload.arm(True)
+    model(x).pow(2).mean().backward()
+    assert offload.updated_in_backward > 0
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps"):
+        offload.arm(True)
+    offload.close()
 
 
 def test_state_round_trips_through_load_state(tmp_path) -> None:
