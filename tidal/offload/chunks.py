@@ -70,7 +70,9 @@ class Chunk:
 class Staging:
     """One host buffer a chunk's file is read into, updated in and written from; reused round-robin."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_bytes: int = 0) -> None:
+        self.keep_bytes = keep_bytes
+        """A buffer grown past twice this (for one oversized chunk) is dropped when a smaller chunk comes."""
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self.grad_buffer = torch.empty(0, dtype=torch.float32)
         self.grads: list[torch.Tensor | None] = []
@@ -90,7 +92,9 @@ class Staging:
             raise errors[0]
 
     def reserve(self, nbytes: int) -> torch.Tensor:
-        if self.buffer.numel() < nbytes:
+        """The first `nbytes` of the buffer: the same memory for the same size until the buffer changes
+        (a transfer still using a replaced buffer keeps it alive)."""
+        if self.buffer.numel() < nbytes or self.buffer.numel() > 2 * max(nbytes, self.keep_bytes):
             self.buffer = empty_aligned((nbytes,), torch.uint8)
         return self.buffer[:nbytes]
 

@@ -90,7 +90,7 @@ class OffloadedOptimizer:
             raise ValueError("offload.optimizer.device=nvme needs a store: pass an NvmeStore on offload.optimizer.path")
         self.chunks = self._make_chunks(config.optimizer.chunk_mb * 2**20, config.optimizer.ratio)
         optimizer.state.clear()  # state a constructor made (Adagrad's) is remade per chunk on its tier
-        self.staging = [Staging() for _ in range(READ_AHEAD + 2)]
+        self.staging = [Staging(int(config.optimizer.chunk_mb * 2**20)) for _ in range(READ_AHEAD + 2)]
         self.params: StreamedParams | None = None
         self.order = [c for c in self.chunks if c.tier != "device"][::-1]
         """Host chunks in update order: backward's, last parameters first."""
@@ -103,6 +103,7 @@ class OffloadedOptimizer:
         self._position: dict[int, int] = {}
         self._armed = False
         self._missing: list[int] = []
+        self._released_sq_sum = 0.0
         self.updated_in_backward = 0
         """Chunk updates that ran during backward (`update_in_backward`), count since construction."""
 
@@ -156,11 +157,13 @@ class OffloadedOptimizer:
     def update_in_backward(self) -> None:
         """Update each host chunk as soon as backward has produced all its gradients, instead of at the step.
 
-        Only for a job where a parameter's gradient is final when autograd accumulates it (one data-parallel
-        rank, ZeRO 0, no clipping or fp16 loss scale: nothing rescales or reduces it later); the engine
-        decides. The state's I/O then runs under backward's compute, and the first chunks of the next step
-        are read during the forward. A parameter modified in place after its gradient was accumulated must
-        not be read again by the same backward (true of every use autograd tracks)."""
+        Only for a job where a gradient is final when its post-accumulate-grad hook runs (one data-parallel
+        rank at ZeRO 0; ZeRO 3, whose hook runs after the reduce-scatter; no clipping or fp16 loss scale:
+        nothing rescales it later); the engine decides. The state's I/O then runs under backward's compute,
+        the first chunks of the next step are read during the forward, and each updated chunk's gradients
+        are freed at once (their squared sum kept for the norm: `take_released_sq_sum`). A parameter
+        modified in place after its gradient was accumulated must not be read again by the same backward
+        (true of every use autograd tracks)."""
         for position, chunk in enumerate(self.order):
             for p in chunk.params:
                 self._position[id(p)] = position
@@ -186,8 +189,25 @@ class OffloadedOptimizer:
         position = self._position[id(param)]
         self._missing[position] -= 1
         while self._updated < len(self.order) and self._missing[self._updated] == 0:
+            chunk = self.order[self._updated]
             self._advance(zero_grads=False)
             self.updated_in_backward += 1
+            self._release_grads(chunk)
+
+    def _release_grads(self, chunk: Chunk) -> None:
+        """Free an updated chunk's gradients (backward's peak then holds a few chunks' worth, not all),
+        keeping their squared sum for the step's gradient norm."""
+        grads = [local(p.grad) for p in chunk.params if p.grad is not None]
+        if grads:
+            self._released_sq_sum += torch.nn.utils.get_total_norm(grads).double().item() ** 2
+        for p in chunk.params:
+            p.grad = None
+
+    def take_released_sq_sum(self) -> float:
+        """The squared sum of the gradients freed during this step's backward (this rank's shards), and
+        reset it: what a gradient norm computed at the step must add to the gradients still there."""
+        value, self._released_sq_sum = self._released_sq_sum, 0.0
+        return value
 
     def _run(self, zero_grads: bool) -> None:
         for chunk in self.chunks:
@@ -201,6 +221,7 @@ class OffloadedOptimizer:
             self._quiesce(raise_errors=False)
             raise
         self._armed = False
+        self._released_sq_sum = 0.0  # the step's norm, if one was taken, has it
         self._quiesce()  # every write finished: a failed one is reported by this step
         if self._hooks:
             self._read_ahead()  # the next step's first chunks arrive during its forward

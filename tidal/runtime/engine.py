@@ -126,17 +126,19 @@ class Engine:
         setattr(self.optimizer, ENGINE_ATTR, self)
 
     def _updates_in_backward(self) -> bool:
-        """Whether a gradient is final when autograd accumulates it, so offloaded chunks may update then:
-        nothing reduces (one rank, ZeRO 0), clips (the norm needs every gradient) or unscales it."""
+        """Whether a gradient is final when its post-accumulate-grad hook runs, so offloaded chunks may update
+        then: nothing reduces it later (one rank at ZeRO 0, or ZeRO 3), clips it (the norm needs every
+        gradient) or unscales it."""
+        # ZeRO 3: FSDP2 runs the hooks after its reduce-scatter, which is synchronous on the CPU; on CUDA the
+        # gradient would still be in flight on its stream
+        reduced_in_hook = self.dp.stage == 3 and self.context.device.type == "cpu"
         return (
             self.config.offload.optimizer.update_in_backward
             and self.config.train.gradient_clipping is None
             and not self.scaler.enabled
-            and self.dp.stage == 0
-            and self.dp.world == 1
+            and ((self.dp.stage == 0 and self.dp.world == 1) or reduced_in_hook)
             and not self.dp.model_parallel
             and self.pipeline is None
-            and self.optimizer_offload.params is None
         )
 
     def _begin_micro_step(self, args: tuple, kwargs: dict) -> None:
@@ -204,6 +206,8 @@ class Engine:
         if clip is None and not self._logging_step(self.global_step + 1):
             return  # the norm costs a pass over every gradient and a collective: only when it is used
         sq_sum, norm_group = self.dp.grad_sq_sum()
+        if self.optimizer_offload is not None:  # gradients already used and freed during backward
+            sq_sum = sq_sum + self.optimizer_offload.take_released_sq_sum()
         norm = global_grad_norm(sq_sum, norm_group if self.dp.world > 1 or self.dp.model_parallel else None)
         if clip is not None and norm > clip:
             scale_grads_(self.dp.optimizer_grads(), clip / (norm + 1e-6))
