@@ -93,16 +93,17 @@ class OffloadedOptimizer:
         self.staging = [Staging(int(config.optimizer.chunk_mb * 2**20)) for _ in range(READ_AHEAD + 2)]
         self.params: StreamedParams | None = None
         self.order = [c for c in self.chunks if c.tier != "device"][::-1]
-        """Host chunks in update order: backward's, last parameters first."""
+        """Host chunks in update order: last parameters first, then the order backward finished them in."""
         self._read = 0
         """Chunks of `order` whose reads have started this step."""
         self._updated = 0
         """Chunks of `order` updated this step."""
         self._chain = ThreadPoolExecutor(len(self.staging), thread_name_prefix="tidal-offload-read")
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._position: dict[int, int] = {}
+        self._chunk_of: dict[int, Chunk] = {}
         self._armed = False
-        self._missing: list[int] = []
+        self._missing: dict[int, int] = {}
+        """Chunk index -> gradients its parameters still wait for in this backward."""
         self._released_sq_sum = 0.0
         self.updated_in_backward = 0
         """Chunk updates that ran during backward (`update_in_backward`), count since construction."""
@@ -164,9 +165,9 @@ class OffloadedOptimizer:
         are freed at once (their squared sum kept for the norm: `take_released_sq_sum`). A parameter
         modified in place after its gradient was accumulated must not be read again by the same backward
         (true of every use autograd tracks)."""
-        for position, chunk in enumerate(self.order):
+        for chunk in self.order:
             for p in chunk.params:
-                self._position[id(p)] = position
+                self._chunk_of[id(p)] = chunk
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
@@ -181,18 +182,33 @@ class OffloadedOptimizer:
                 "to the number of backwards per step, or offload.optimizer.update_in_backward=false"
             )
         self._armed = boundary
-        self._missing = [sum(p.requires_grad for p in chunk.params) for chunk in self.order]
+        self._missing = {chunk.index: sum(p.requires_grad for p in chunk.params) for chunk in self.order}
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if not self._armed:
             return
-        position = self._position[id(param)]
-        self._missing[position] -= 1
-        while self._updated < len(self.order) and self._missing[self._updated] == 0:
+        self._missing[self._chunk_of[id(param)].index] -= 1
+        while self._updated < len(self.order):
+            chunk = self.order[self._updated]
+            if self._missing[chunk.index] and not self._reorder():
+                return
             chunk = self.order[self._updated]
             self._advance(zero_grads=False)
             self.updated_in_backward += 1
             self._release_grads(chunk)
+
+    def _reorder(self) -> bool:
+        """Bring a chunk whose gradients are all in to the next place in `order`, where no read is under way
+        for a chunk of the new order (the step where no file exists yet, or the cpu tier): the order backward
+        finished the chunks in is learnt there and read ahead along in the next steps. Whether one came."""
+        rest = self.order[self._updated :]
+        if any(chunk.tier == "nvme" and chunk.layout for chunk in rest):
+            return False
+        ready = next((i for i, chunk in enumerate(rest) if not self._missing[chunk.index]), None)
+        if ready is None:
+            return False
+        self.order[self._updated :] = [rest[ready], *rest[:ready], *rest[ready + 1 :]]
+        return True
 
     def _release_grads(self, chunk: Chunk) -> None:
         """Free an updated chunk's gradients (backward's peak then holds a few chunks' worth, not all),

@@ -313,6 +313,11 @@ class FullyShardedFSDP2(DataParallel):
         super().__init__(model, optimizer, topology)
         self._broadcast_from_first_rank()
         names = {id(p): n for n, p in model.named_parameters()}
+        # The optimizer lets go of the original parameters while FSDP2 copies them into shards, so each is
+        # freed as soon as its shard exists: the peak stays near one copy of the model, not two.
+        slots = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["params"] = []
         reshard = config.zero.reshard_after_forward
         policy = fsdp_offload_policy(config.offload.params, device)
         blocks = repeated_blocks(model)
@@ -327,8 +332,8 @@ class FullyShardedFSDP2(DataParallel):
                 block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + ahead])
                 block.set_modules_to_backward_prefetch(blocks[max(0, i - ahead) : i][::-1])
         by_name = dict(model.named_parameters())
-        for group in optimizer.param_groups:
-            group["params"] = [by_name[names[id(p)]] for p in group["params"]]
+        for group, slot in zip(optimizer.param_groups, slots, strict=True):
+            group["params"] = [by_name[name] for name in slot]
         self._synced = True
         self.param_offload = apply_param_offload(model, blocks, config.offload.params, config.offload.nvme, device)
 
