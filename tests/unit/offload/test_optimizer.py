@@ -125,6 +125,37 @@ def test_updates_during_backward_match_the_in_memory_optimizer(tmp_path, tier) -
     offload.close()
 
 
+class _DeclaredBackwards(torch.nn.Module):
+    """Parameters declared in the order backward finishes them (`last` is used last in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.last = torch.nn.Linear(128, 32)
+        self.first = torch.nn.Linear(32, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.nn.functional.gelu(self.first(x)))
+
+
+def test_backward_order_is_learnt_on_the_first_step(tmp_path) -> None:
+    model = _DeclaredBackwards()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    offload = _offload(opt, "nvme", tmp_path)
+    offload.update_in_backward()
+    declared_last = [c.index for c in offload.order]  # last declared first: `first`'s chunks lead
+    for x in _data()[:2]:
+        offload.arm(True)
+        model(x).pow(2).mean().backward()
+        offload.step()
+    learnt = [c.index for c in offload.order]
+    first_params = {id(p) for p in model.first.parameters()}
+    assert any(id(p) in first_params for p in offload.chunks[declared_last[0]].params)
+    assert any(id(p) in first_params for p in offload.chunks[learnt[-1]].params), "`first` finishes last"
+    assert learnt != declared_last
+    offload.close()
+
+
 def test_a_second_backward_before_the_step_is_refused_when_updates_ran_in_backward(tmp_path) -> None:
     model = _model()
     opt = OPTIMIZERS["adamw"](model.parameters())
