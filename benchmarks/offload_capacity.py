@@ -1,7 +1,7 @@
 """Capacity: the largest GPT-style model that trains two AdamW steps on this machine, plain PyTorch
 against tidal with the optimizer state and the parameters offloaded to NVMe.
 
-    python benchmarks/offload_capacity.py --dir /path/on/nvme   # plain at 24 and 28 layers, tidal at 78: ~20 min
+    python benchmarks/offload_capacity.py --dir /path/on/nvme   # plain at 20 and 24 layers, tidal at 78: ~20 min
     python benchmarks/offload_capacity.py --quick               # tiny sizes: a smoke run of every path
 
 Every size runs in a fresh subprocess that builds a GPT-2 from a transformers config (random init,
@@ -12,8 +12,8 @@ fp32, width `--width`, `--seq` positions, GPT-2's 50257-token vocabulary, tied e
   before activations): the loop a user writes without tidal;
 - tidal: the same loop after `tidal.wrap` with zero.stage=3, `offload.params.device=nvme` and
   `offload.optimizer.device=nvme` in `--dir`: between steps only the model's skeleton is in memory;
-  backward still leaves every gradient in memory until the step (4 bytes per parameter), and the
-  model is built in memory before it is wrapped (4 bytes per parameter, once).
+  in backward each optimizer chunk is updated (and its gradients freed) as soon as its gradients are
+  in, so the peak is the model built in memory before it is wrapped (4 bytes per parameter, once).
 
 A size "completes" when both steps finish with finite losses. A size that does not is reported with
 how it failed: killed by the kernel's out-of-memory killer, or torch's allocation error. Printed per
@@ -53,8 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dir", default=None, help="directory on the NVMe disk (default: a temp dir under /tmp)")
     parser.add_argument("--width", type=int, default=2048, help="hidden size (default 2048, 16 heads of 128)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per step and positions (default 128)")
-    parser.add_argument("--plain", type=int, nargs="+", default=[24, 28], help="plain PyTorch layer counts")
-    parser.add_argument("--tidal", type=int, nargs="+", default=[78], help="tidal layer counts")
+    parser.add_argument("--plain", type=int, nargs="*", default=[20, 24], help="plain PyTorch layer counts")
+    parser.add_argument("--tidal", type=int, nargs="*", default=[78], help="tidal layer counts")
     parser.add_argument("--chunk-mb", type=float, default=256.0, help="offload.optimizer.chunk_mb (default 256)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one size may take (default 1800)")
     parser.add_argument("--quick", action="store_true", help="width 256, 2-4 layers: checks every path in seconds")

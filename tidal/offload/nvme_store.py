@@ -46,6 +46,7 @@ class NvmeStore(Store[str]):
         self._engine = IoEngine(config or NvmeConfig(), self.directory)
         self.verify = verify
         self._files: dict[str, str] = {}
+        self._file_names = itertools.count()
         self._spares: list[tuple[str, int]] = []
         """(path, bytes) of files no key uses any more, overwritten by the next writes (no allocation, no discard)."""
         self._spare_names = itertools.count()
@@ -63,7 +64,9 @@ class NvmeStore(Store[str]):
             )
 
     def _start_write(self, key: str, source: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> Handle[None]:
-        path = self._files.setdefault(key, os.path.join(self.directory, f"{len(self._files):08d}.swap"))
+        path = self._files.get(key)
+        if path is None:  # a counter, not len(self._files): deleted keys leave the map
+            path = self._files[key] = os.path.join(self.directory, f"{next(self._file_names):08d}.swap")
         temporary = f"{path}.tmp"
         spare = self._take_spare(padded_size(source.numel()))
         if spare is not None:
@@ -117,6 +120,10 @@ class NvmeStore(Store[str]):
             return result
 
         return then(self._engine.read(entry.location, out), finish)
+
+    def delete(self, key: str) -> None:
+        super().delete(key)
+        self._files.pop(key, None)  # activations use a new key per tensor per step: the map must not grow
 
     def _allocate(self, entry: _Entry[str]) -> torch.Tensor:
         return empty_aligned(entry.shape, entry.dtype, pinned=False)
