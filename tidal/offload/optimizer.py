@@ -233,10 +233,12 @@ class OffloadedOptimizer(CheckpointedChunks):
                 self._advance(zero_grads)
         except BaseException:
             self._quiesce(raise_errors=False)
+            self._read = self._updated = 0
             raise
         self._armed = False
         self._released_sq_sum = 0.0  # the step's norm, if one was taken, has it
         self._quiesce()  # every write finished: a failed one is reported by this step
+        self._read = self._updated = 0
         if self._hooks:
             self._read_ahead()  # the next step's first chunks arrive during its forward
 
@@ -258,7 +260,8 @@ class OffloadedOptimizer(CheckpointedChunks):
         self._read_ahead()
 
     def _quiesce(self, raise_errors: bool = True) -> None:
-        """Wait for every transfer; forget reads started ahead (their files may be rewritten next)."""
+        """Wait for every transfer; forget reads started ahead of the next update (their files may be
+        rewritten next)."""
         errors: list[BaseException] = []
         for staging in self.staging:
             try:
@@ -266,7 +269,7 @@ class OffloadedOptimizer(CheckpointedChunks):
             except Exception as exc:  # noqa: BLE001 - report the first failure once every transfer ended
                 errors.append(exc)
             staging.grads = []
-        self._read = self._updated = 0
+        self._read = self._updated  # chunks updated in this backward stay updated
         if errors and raise_errors:
             raise errors[0]
 

@@ -55,7 +55,13 @@ def _offload(opt: torch.optim.Optimizer, tier: str, path, ratio: float = 0.0) ->
 
 
 def _train(
-    make_opt, offload_tier: str | None, path, ratio: float = 0.0, lr_decay: bool = False, in_backward: bool = False
+    make_opt,
+    offload_tier: str | None,
+    path,
+    ratio: float = 0.0,
+    lr_decay: bool = False,
+    in_backward: bool = False,
+    peek: bool = False,
 ):
     model = _model()
     opt = make_opt(model.parameters())
@@ -70,6 +76,8 @@ def _train(
         loss = model(x).pow(2).mean()
         loss.backward()
         losses.append(loss.item())
+        if peek:  # a checkpoint read between backward and step must not undo or repeat updates made in backward
+            list(offload.state_by_param())
         if offload is not None:
             offload.step()
             opt.zero_grad()  # the user's own step then finds nothing to do
@@ -114,9 +122,10 @@ def test_ratio_keeps_a_share_of_chunks_on_the_device_and_follows_the_lr_schedule
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_updates_during_backward_match_the_in_memory_optimizer(tmp_path, tier) -> None:
+@pytest.mark.parametrize("peek", [False, True], ids=["plain", "state-read-before-step"])
+def test_updates_during_backward_match_the_in_memory_optimizer(tmp_path, tier, peek) -> None:
     reference = _train(OPTIMIZERS["adamw"], None, tmp_path, lr_decay=True)
-    result = _train(OPTIMIZERS["adamw"], tier, tmp_path, lr_decay=True, in_backward=True)
+    result = _train(OPTIMIZERS["adamw"], tier, tmp_path, lr_decay=True, in_backward=True, peek=peek)
     _assert_same(result, reference)
     offload = result[2]
     # every chunk's parameters get their gradients in one backward: each chunk updates there, none at the step
