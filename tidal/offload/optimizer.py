@@ -103,6 +103,7 @@ class OffloadedOptimizer(CheckpointedChunks):
         self._missing: dict[int, int] = {}
         """Chunk index -> gradients its parameters still wait for in this backward."""
         self._released_sq_sum = 0.0
+        self._measure_norm = True
         self.updated_in_backward = 0
         """Chunk updates that ran during backward (`update_in_backward`), count since construction."""
 
@@ -169,8 +170,9 @@ class OffloadedOptimizer(CheckpointedChunks):
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def arm(self, boundary: bool) -> None:
-        """Called as each micro-step starts: whether its backward ends the accumulation (updates may run)."""
+    def arm(self, boundary: bool, measure_norm: bool = True) -> None:
+        """Called as each micro-step starts: whether its backward ends the accumulation (updates may run),
+        and whether the step will take the gradient norm (the freed gradients' squared sum is then kept)."""
         if not self._hooks:
             return
         if self._updated and self._armed:
@@ -180,6 +182,7 @@ class OffloadedOptimizer(CheckpointedChunks):
                 "to the number of backwards per step, or offload.optimizer.update_in_backward=false"
             )
         self._armed = boundary
+        self._measure_norm = measure_norm
         self._missing = {chunk.index: sum(p.requires_grad for p in chunk.params) for chunk in self.order}
 
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -211,7 +214,7 @@ class OffloadedOptimizer(CheckpointedChunks):
     def _release_grads(self, chunk: Chunk) -> None:
         """Free an updated chunk's gradients (backward's peak then holds a few chunks' worth, not all),
         keeping their squared sum for the step's gradient norm."""
-        grads = [local(p.grad) for p in chunk.params if p.grad is not None]
+        grads = [local(p.grad) for p in chunk.params if p.grad is not None] if self._measure_norm else []
         if grads:
             self._released_sq_sum += torch.nn.utils.get_total_norm(grads).double().item() ** 2
         for p in chunk.params:

@@ -149,7 +149,8 @@ class Engine:
         boundary = not self._no_sync and self.micro_step % self.accumulation == 0
         self.dp.prepare_backward(boundary)
         if self.optimizer_offload is not None:
-            self.optimizer_offload.arm(boundary)
+            # the norm is taken only to clip (never with updates in backward) or to log it
+            self.optimizer_offload.arm(boundary, measure_norm=self._logging_step(self.global_step + 1))
         samples, tokens = _batch_size(args, kwargs)
         # ranks see equal micro-batches: the job's throughput is (data-parallel ranks) times this rank's; a
         # sequence-parallel rank holds 1/sp of its samples' tokens
