@@ -43,7 +43,7 @@ the round before, so drift in the machine's load hits all alike. Step times (for
 step) are medians over `--rounds` after `--warmup` untimed steps each; "CPU time" is the process's
 CPU seconds per step (compute and I/O threads), which shows what the offload costs the cores even when
 other jobs blur the wall clock. Also printed: the offload's counters per step, and an I/O-only line:
-the same bytes in as many tensors written to, read back from and deleted in an `NvmeStore`, no compute.
+the same bytes in as many tensors written to, read back from and deleted in a `SwapFileStore`, no compute.
 
 Target: nvme moves >= 50% of keep's peak activation bytes off the device at <= 1.05 x keep's step time.
 """
@@ -66,9 +66,9 @@ import tidal
 from tidal.config import NvmeConfig
 from tidal.memory.probe import format_bytes
 from tidal.memory.tracker import LiveTensorTracker
-from tidal.offload import NvmeStore
 from tidal.offload.activations import ActivationOffload
 from tidal.offload.policy import _RecomputedForward
+from tidal.offload.swap_file import SwapFileStore
 from tidal.parallel.data import repeated_blocks
 
 SHARE_TARGET = 0.50
@@ -259,11 +259,11 @@ class ActivationTracker:
                 return read(key, out)
 
             self._patch(store, "read", counted_read)
-        if isinstance(store, NvmeStore):
+        if isinstance(store, SwapFileStore):
             allocate = store._allocate
 
             def counted_allocate(entry: Any) -> torch.Tensor:
-                tensor = allocate(entry)  # an mmap'ed buffer (torch.frombuffer): no dispatched op shows it
+                tensor = allocate(entry)  # in backward, where the tracker does not watch ops
                 self.live.track(tensor)
                 return tensor
 
@@ -300,17 +300,17 @@ def time_io(
     directory: str, nbytes: int, tensors: int, repeats: int, threads: int
 ) -> dict[str, list[tuple[float, float, float, float]]]:
     """Seconds to write, read back and delete `tensors` float32 tensors of `nbytes` bytes in all through an
-    `NvmeStore` (every transfer issued, then every handle waited on), and the CPU time the process spent on
-    the three, per repeat after one uncounted, in two ways: "new files" (fresh keys each time, deleted
+    `SwapFileStore` (every transfer issued, then every handle waited on), and the CPU time the process spent
+    on the three, per repeat after one uncounted, in two ways: "new keys" (fresh keys each time, deleted
     after the read, as the activation offload does) and "overwrite" (the same keys each time, not deleted)."""
     numel = max(1, nbytes // tensors // 4)
     sources = [torch.full((numel,), float(i)) for i in range(tensors)]  # torch.empty-like: not page-aligned
-    results: dict[str, list[tuple[float, float, float, float]]] = {"new files": [], "overwrite": []}
-    with NvmeStore(directory, NvmeConfig(threads=threads)) as store:
+    results: dict[str, list[tuple[float, float, float, float]]] = {"new keys": [], "overwrite": []}
+    with SwapFileStore(directory, NvmeConfig(threads=threads)) as store:
         for i, source in enumerate(sources):
             store.write(f"same{i}", source).wait()
         for repeat in range(-1, repeats):  # the first cycle is not counted: new mappings start slow on some hosts
-            for way, prefix in (("new files", f"new{repeat}-"), ("overwrite", "same")):
+            for way, prefix in (("new keys", f"new{repeat}-"), ("overwrite", "same")):
                 keys = [f"{prefix}{i}" for i in range(tensors)]
                 cpu = time.process_time()
                 start = time.perf_counter()
@@ -320,7 +320,7 @@ def time_io(
                 for handle in [store.read(key) for key in keys]:
                     handle.wait()
                 read = time.perf_counter()
-                for key in keys if way == "new files" else ():
+                for key in keys if way == "new keys" else ():
                     store.delete(key)
                 deleted = time.perf_counter()
                 if repeat >= 0:

@@ -41,9 +41,9 @@ import torch
 
 from tidal.config import ActivationOffloadConfig, NvmeConfig
 from tidal.offload.nvme import OffloadError
-from tidal.offload.nvme_store import NvmeStore
 from tidal.offload.policy import Choice, apply_recompute, changes_policy, module_policies
 from tidal.offload.store import BufferPool, CpuStore, Store
+from tidal.offload.swap_file import SwapFileStore
 from tidal.parallel.data import repeated_blocks
 from tidal.runtime.device import Handle, copy_async, pin_memory_available, then
 
@@ -111,7 +111,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         policies: modules with an explicit "keep" or "offload" policy.
         min_bytes: smallest saved tensor that is offloaded, bytes.
         prefetch_layers: blocks whose tensors are fetched ahead in backward, count.
-        staging: host buffers that tensors pass through between the GPU and an `NvmeStore`; None: tensors
+        staging: host buffers that tensors pass through between the GPU and a `SwapFileStore`; None: tensors
             go to the store and come back directly.
     """
 
@@ -321,7 +321,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         assert self.store is not None
         self._finish_write(saved.key)
         numel = saved.nbytes // saved.dtype.itemsize
-        if not isinstance(self.store, NvmeStore):
+        if not isinstance(self.store, SwapFileStore):
             out = torch.empty(numel, dtype=saved.dtype, device=saved.device)
             saved.fetch = self.store.read(saved.key, out)
         elif self._staging is None:
@@ -431,7 +431,7 @@ def apply_activation_offload(
     if config.device == "cpu":
         return ActivationOffload(model, CpuStore(pinned=pinned), tracked, **settings)
     staging = BufferPool(pinned) if device.type == "cuda" else None
-    return ActivationOffload(model, NvmeStore(config.path, nvme), tracked, staging=staging, **settings)
+    return ActivationOffload(model, SwapFileStore(config.path, nvme), tracked, staging=staging, **settings)
 
 
 def _dense(tensor: torch.Tensor) -> bool:

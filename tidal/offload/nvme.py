@@ -163,6 +163,30 @@ class IoEngine:
             )
         return self._start(_Transfer(handle, path, out, writing=False))
 
+    def write_pages(self, fd: int, path: str, offset: int, data: torch.Tensor) -> IoHandle:
+        """Write the memory pages `data` lies on, whole, at byte `offset` of the open file `fd`, without a copy.
+
+        The file then holds `data` at `offset + data.data_ptr() % ALIGN` (its place in its first
+        page), amid whatever else those pages hold (the bytes around `data` are read, never changed).
+        For a file holding many tensors (`SwapFileStore`): the caller opened `fd`, reserved the
+        `page_span(data)` bytes from `offset` and keeps the file open; the engine neither closes nor
+        removes it.
+
+        Args:
+            fd: a descriptor open for writing; `path`: its name, for error messages.
+            offset: a multiple of `ALIGN`.
+            data: a contiguous 1-D uint8 CPU tensor; it must not change until the handle finished.
+        """
+        _check_bytes(data)
+        return self._start(_Transfer(fd, path, data, writing=True, base=offset, owned=False, pages=True))
+
+    def read_pages(self, fd: int, path: str, offset: int, out: torch.Tensor) -> IoHandle:
+        """Read what `write_pages` wrote at `offset` into the pages `out` lies on (whole: the bytes around
+        `out` on them are overwritten, so they must belong to the caller); `out` must start at the
+        same place in its page as the tensor written did."""
+        _check_bytes(out)
+        return self._start(_Transfer(fd, path, out, writing=False, base=offset, owned=False, pages=True))
+
     def close(self) -> None:
         """Wait for the transfers under way and stop the workers."""
         self._pool.shutdown(wait=True)
@@ -175,7 +199,7 @@ class IoEngine:
             raise _io_error(action, path, exc, needed) from exc
 
     def _start(self, transfer: _Transfer) -> IoHandle:
-        nbytes = transfer.data.numel()
+        nbytes = len(transfer.view)
         transfer.zero_copy = not self.direct or transfer.data.data_ptr() % ALIGN == 0
         spans = range(0, padded_size(nbytes), self.span_bytes)
         transfer.remaining = len(spans)
@@ -196,6 +220,9 @@ class IoEngine:
         transfer.span_done()
 
     def _move_span(self, transfer: _Transfer, offset: int, length: int) -> None:
+        if transfer.pages:  # whole pages: the view covers every span
+            _move_all(transfer, transfer.view[offset : offset + length], offset)
+            return
         data = transfer.data
         end = min(offset + length, data.numel())
         if transfer.zero_copy and end == offset + length:
@@ -221,11 +248,27 @@ class IoEngine:
 class _Transfer:
     """One file's transfer: its descriptor, its memory and how many spans are still under way."""
 
-    def __init__(self, handle: int, path: str, data: torch.Tensor, writing: bool) -> None:
+    def __init__(
+        self,
+        handle: int,
+        path: str,
+        data: torch.Tensor,
+        writing: bool,
+        *,
+        base: int = 0,
+        owned: bool = True,
+        pages: bool = False,
+    ) -> None:
         self.fd = handle
+        self.base = base
+        """Where the data starts in the file, bytes."""
+        self.owned = owned
+        """Whether the transfer closes the descriptor when done (and removes the file after a failed write)."""
+        self.pages = pages
+        """Whether the whole pages under `data` move (`write_pages`), not just its bytes."""
         self.path = path
         self.data = data
-        self.view = byte_view(data)
+        self.view = _page_view(data) if pages else byte_view(data)
         self.writing = writing
         self.action = "writing" if writing else "reading"
         self.needed = padded_size(data.numel()) if writing else 0  # bytes added to the disk, for error messages
@@ -247,6 +290,9 @@ class _Transfer:
             self.finish()
 
     def finish(self) -> None:
+        if not self.owned:
+            self.handle._finish(self.error)
+            return
         try:
             os.close(self.fd)
         except OSError as exc:  # some filesystems report delayed write errors at close
@@ -259,12 +305,25 @@ class _Transfer:
 def _move_all(transfer: _Transfer, view: memoryview, offset: int) -> None:
     """pwritev/preadv all of `view` at `offset`, continuing after short transfers."""
     call = os.pwritev if transfer.writing else os.preadv
+    offset += transfer.base
     done = 0
     while done < len(view):
         moved = call(transfer.fd, [view[done:]], offset + done)
         if moved == 0:
             raise OSError(errno.EIO, f"file ended {offset + done} bytes in, before the data did")
         done += moved
+
+
+def page_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """(bytes before `tensor` in its first page, bytes of the `ALIGN`-sized pages it lies on)."""
+    lead = tensor.data_ptr() % ALIGN
+    return lead, padded_size(lead + tensor.numel() * tensor.element_size())
+
+
+def _page_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of the whole pages a contiguous CPU tensor lies on."""
+    lead, nbytes = page_span(tensor)
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr() - lead)).cast("B")
 
 
 def _check_bytes(tensor: torch.Tensor) -> int:

@@ -12,6 +12,7 @@ from tidal.config import ActivationOffloadConfig, NvmeConfig
 from tidal.offload import OffloadError
 from tidal.offload.activations import ActivationOffload, apply_activation_offload
 from tidal.offload.nvme import OWNER_FILE
+from tidal.offload.swap_file import SWAP_FILE
 
 CPU = torch.device("cpu")
 NVME = NvmeConfig(block_size=4096, queue_depth=2, threads=2)
@@ -240,11 +241,17 @@ def test_nvme_entries_are_freed_after_backward_and_files_at_close(tmp_path, comp
     with offload.forward_context():
         loss = model(inputs())
     assert offload.stats.offloaded_bytes > 0
-    if compute == CPU:  # a direct write creates its file at once; a staged one once its copy to the host is done
-        assert len(os.listdir(directory)) > 1
+    assert sorted(os.listdir(directory)) == sorted([OWNER_FILE, SWAP_FILE])
+    file_bytes, unused = offload.store.file_bytes()
+    if compute == CPU:  # a direct write takes its space at once; a staged one once its copy to the host is done
+        assert unused < file_bytes
     loss.backward()
     assert offload.store.nbytes() == 0
-    assert os.listdir(directory) == [OWNER_FILE]
+    assert offload.store.file_bytes() == (file_bytes, file_bytes)  # every extent free, for the next step
+    with offload.forward_context():  # the next step reuses the space: the file does not grow
+        loss = model(inputs())
+    loss.backward()
+    assert offload.store.file_bytes() == (file_bytes, file_bytes)
     offload.close()
     offload.close()
     assert not os.path.exists(directory)

@@ -14,6 +14,7 @@ from tidal.config import NvmeConfig
 from tidal.offload import CpuStore, LeftoverSwapWarning, NvmeStore, OffloadError, empty_aligned
 from tidal.offload.nvme import OWNER_FILE, SWAP_PREFIX
 from tidal.offload.store import BufferPool
+from tidal.offload.swap_file import SwapFileStore
 from tidal.runtime.device import PAGE_BYTES
 
 SMALL = NvmeConfig(block_size=4096, queue_depth=2, threads=3)
@@ -22,9 +23,12 @@ SHAPES = [(), (0,), (1,), (3, 5), (100_003,), (64, 1024)]
 DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 
 
-@pytest.fixture(params=["cpu", "nvme"])
+@pytest.fixture(params=["cpu", "nvme", "swapfile"])
 def store(request, tmp_path):
-    store = CpuStore() if request.param == "cpu" else NvmeStore(tmp_path, SMALL, verify=True)
+    if request.param == "swapfile":
+        store = SwapFileStore(tmp_path, SMALL)
+    else:
+        store = CpuStore() if request.param == "cpu" else NvmeStore(tmp_path, SMALL, verify=True)
     yield store
     store.close()
 
