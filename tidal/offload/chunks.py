@@ -9,11 +9,31 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tidal.config import Config
 from tidal.offload.store import empty_aligned
 from tidal.runtime.device import Handle
 
 ALIGN_BYTES = 64
 """Alignment of each tensor inside a chunk's file, bytes (any dtype's itemsize divides it)."""
+
+
+def updates_in_backward(
+    config: Config, *, zero_stage: int, dp_world: int, model_parallel: bool, pipelined: bool, device_type: str
+) -> bool:
+    """Whether offloaded chunks update (and free their gradients) during backward: a gradient is final when its
+    post-accumulate-grad hook runs, so nothing reduces it later (one rank at ZeRO 0, or ZeRO 3), clips it (the
+    norm needs every gradient) or unscales it (fp16). The engine and the memory estimate both ask this.
+
+    ZeRO 3 counts only on the CPU: FSDP2 runs the hooks after its reduce-scatter, which is synchronous there;
+    on CUDA the gradient would still be in flight on its stream."""
+    return (
+        config.offload.optimizer.update_in_backward
+        and config.train.gradient_clipping is None
+        and config.precision.dtype != "fp16"
+        and ((zero_stage == 0 and dp_world == 1) or (zero_stage == 3 and device_type == "cpu"))
+        and not model_parallel
+        and not pipelined
+    )
 
 
 @functools.cache
