@@ -14,7 +14,9 @@ bit-identical, with their strides (contiguous when they had gaps or broadcast di
 
 Prefetch: hooks on the repeated blocks cut a forward into segments (block i, or code between blocks). The
 first unpack of a segment in backward fetches all of its tensors and those of the next `prefetch_layers`
-blocks below it. A store entry is freed when autograd frees its saved tensor (after the node ran).
+blocks below it; the first unpack of a kept tensor (the head's, a kept block's) fetches the last
+offloaded segment, so backward does not start by waiting for it. A store entry is freed when autograd
+frees its saved tensor (after the node ran).
 
 Policy: module-name globs (fnmatch, `*` matches dots too); a module takes the last pattern that matches it
 or a module enclosing it. A tensor follows the innermost running module that keeps or offloads. "recompute"
@@ -143,6 +145,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self._writes: dict[str, Handle[Any]] = {}
         """Writes under way by key, oldest first; a staged GPU copy's handle returns the disk write it started."""
         self._dead: collections.deque[str] = collections.deque()
+        self._awaiting: _Forward | None = None
+        """The last forward that offloaded, until its backward starts (`_start_backward`)."""
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if store is not None:
             layers = {block: index for index, block in enumerate(repeated_blocks(model))}
@@ -198,6 +202,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __exit__(self, *exc_info: object) -> None:
         super().__exit__(*exc_info)
+        if any(segment.saved for segment in self._forward.segments):
+            self._awaiting = self._forward
         self._forward = None
         self._stack.clear()
         self._seen.clear()
@@ -277,6 +283,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def _unpack(self, packed: torch.Tensor | _Saved) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
+            if self._awaiting is not None:  # backward started on kept tensors (the head, kept last blocks)
+                self._start_backward()
             return packed
         with self._lock:
             if self._closed:
@@ -285,6 +293,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
                     "run backward before close()"
                 )
             self._drain()
+            if self._awaiting is packed.forward:
+                self._awaiting = None  # this unpack starts the prefetch itself
             early = packed.fetch is not None
             segment = packed.forward.segments[packed.segment]
             if not early and self.prefetch_layers > 0 and not segment.started:
@@ -302,6 +312,21 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
                 self._stats.blocking_waits += not hit
         flat = fetch.wait()
         return flat.as_strided(packed.shape, packed.stride) if packed.stride is not None else flat.view(packed.shape)
+
+    def _start_backward(self) -> None:
+        """Fetch the tensors backward needs first, those of the last segment that offloaded any, while backward
+        runs through what forward kept after it (the head and loss, blocks whose policy keeps them)."""
+        with self._lock:
+            forward, self._awaiting = self._awaiting, None
+            if forward is None or self._closed or self.prefetch_layers == 0:
+                return
+            for index in range(len(forward.segments) - 1, -1, -1):
+                segment = forward.segments[index]
+                if any(ref() is not None for ref in segment.saved):
+                    if not segment.started:
+                        segment.started = True
+                        self._prefetch(forward, index)
+                    return
 
     def _prefetch(self, forward: _Forward, index: int) -> None:
         """Fetch segment `index`'s tensors and those of the `prefetch_layers` blocks below it (and code between)."""
