@@ -13,9 +13,9 @@ Two reductions:
 - ``"all_reduce"``: every rank ends with the mean gradient in ``p.grad`` (ZeRO 0 and 1). A DTensor
   parameter (tensor parallel) is reduced as its local shard: the data-parallel replicas of a shard
   are what the group averages.
-- ``"reduce_scatter"``: each parameter is split by rows into ``world`` chunks (torch.chunk sizes, as
-  DTensor's Shard(0)); rank r receives the mean of its chunk only, handed to ``on_shard_grad`` and the
-  full ``p.grad`` is freed at launch (ZeRO 2).
+- ``"reduce_scatter"``: each parameter's local part (a DTensor's local shard, else the whole tensor) is
+  split by rows into ``world`` chunks (torch.chunk sizes, as DTensor's Shard(0)); rank r receives the
+  mean of its chunk only, handed to ``on_shard_grad`` and the full ``p.grad`` is freed at launch (ZeRO 2).
 
 Bucket layout for reduce_scatter, world=2, params a (3 rows) and b (1 row)::
 
@@ -49,7 +49,8 @@ def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def lay_out_segments(params: Sequence[torch.Tensor], world: int) -> tuple[list[list[int]], int]:
-    """Place each rank's row chunks of `params` into one segment per rank.
+    """Place each rank's row chunks of `params` (plain tensors: pass a DTensor's local shard) into one
+    segment per rank.
 
     Returns ``(offsets, segment)``: ``offsets[i][r]`` is where param i's chunk of rank r starts in
     segment r, and `segment` is the length of the longest segment (the others are padded to it).
@@ -109,8 +110,8 @@ class GradientBuckets:
         modes: per parameter, "all_reduce" or "reduce_scatter" (same length as `params`).
         group: the data-parallel process group.
         bucket_bytes: target bytes of gradient per bucket.
-        on_shard_grad: reduce_scatter only: called as ``fn(param, chunk)`` with this rank's mean chunk
-            (shape ``(end - start, *param.shape[1:])``) once the bucket's reduction completes.
+        on_shard_grad: reduce_scatter only: called as ``fn(param, chunk)`` with this rank's mean chunk of
+            the local part (shape ``(end - start, *local.shape[1:])``) once the bucket's reduction completes.
         on_comm: optional ``fn(name, nbytes, work)`` for metrics, called at each launch; it may return
             an object whose ``blocked()`` context manager is entered around the wait.
         scale: factor applied to the summed gradients; default 1 / group size (the mean). Expert
@@ -159,7 +160,7 @@ class GradientBuckets:
             buckets.append(Bucket(len(buckets), group, mode))
         for b in buckets:
             if b.mode == "reduce_scatter":
-                b.offsets, b.segment = lay_out_segments(b.params, self.world)
+                b.offsets, b.segment = lay_out_segments([local(p) for p in b.params], self.world)
             else:
                 b.segment = sum(local(p).numel() for p in b.params)
         return buckets
@@ -237,7 +238,7 @@ class GradientBuckets:
             send = torch.zeros(bucket.segment * self.world, dtype=bucket.params[0].dtype, device=_device(bucket))
             for p, offsets in zip(bucket.params, bucket.offsets, strict=True):
                 if p.grad is not None:
-                    copy_rows(p.grad, send, offsets, bucket.segment, self.world, into_segments=True)
+                    copy_rows(local(p.grad), send, offsets, bucket.segment, self.world, into_segments=True)
                     p.grad = None  # ZeRO-2: the full gradient is not kept once it is on its way
             bucket.buffer = torch.empty(bucket.segment, dtype=send.dtype, device=send.device)
             bucket.work = dist.reduce_scatter_tensor(bucket.buffer, send, group=self.group, async_op=True)
@@ -266,10 +267,11 @@ class GradientBuckets:
                     offset += shard.numel()
             else:
                 for p, offsets in zip(bucket.params, bucket.offsets, strict=True):
-                    start, end = row_range(p.shape[0], self.world, self.rank)
-                    n = (end - start) * (p.numel() // p.shape[0] if p.shape[0] else 0)
+                    shape = local(p).shape
+                    start, end = row_range(shape[0], self.world, self.rank)
+                    n = (end - start) * (shape.numel() // shape[0] if shape[0] else 0)
                     off = offsets[self.rank]
-                    self.on_shard_grad(p, bucket.buffer[off : off + n].view(end - start, *p.shape[1:]))
+                    self.on_shard_grad(p, bucket.buffer[off : off + n].view(end - start, *shape[1:]))
                 bucket.buffer = None
         for bucket in self.buckets:
             bucket.ready.clear()

@@ -32,6 +32,10 @@ all-to-all brings them home), so it is summed over ``edp`` and divided by the ``
 The load-balancing loss (`MoELayer.aux_loss`, Switch/Mixtral): ``E * sum_e f_e * P_e`` with f_e the
 fraction of this rank's tokens that chose expert e (before capacity; sums to k) and P_e the mean router
 probability of e, as transformers' ``load_balancing_loss_func`` for one layer.
+
+Checkpoints (`tidal.parallel.expert_checkpoint`) hold every expert weight at its global shape under MoELayer's
+names (``<block>.experts.w1``, ``w3``: (E, F, H); ``w2``: (E, H, F)), expert e at row e, whatever the
+ep size: a checkpoint taken at ep=2 loads at ep=1, ep=4 or into an unconverted transformers model.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torch import nn
 
 from tidal.parallel.topology import Topology
 
-_MIXTRAL_BLOCKS = ("MixtralSparseMoeBlock",)
+MIXTRAL_BLOCKS = ("MixtralSparseMoeBlock",)
 """transformers class names converted by `convert_mixtral_moe` (5.x layout: fused 3-D expert weights)."""
 
 
@@ -283,7 +287,7 @@ def convert_mixtral_moe(
     the number of blocks converted.
     """
     group = _ep_group(topology)
-    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in _MIXTRAL_BLOCKS]
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in MIXTRAL_BLOCKS]
     replaced = {}
     for name, block in blocks:
         layer = _from_mixtral_block(block, group)

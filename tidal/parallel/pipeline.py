@@ -15,6 +15,10 @@ The schedules are torch.distributed.pipelining's; tidal adds the splitting of Hu
 decoder layers need position ids, causal masks and rotary embeddings that the model's own forward would
 have built, so each stage rebuilds them), timing of every micro-step for the bubble, and the gradient sum
 of weights shared between stages (GPT-2 ties its LM head to the token embedding).
+
+A model tensor parallel has already split is cut the same way: its stages hold DTensor parameters, pass
+sequence shards between them under sequence parallelism (`DecoderStage.sequence_shards`), and take a
+``loss_fn`` for vocabulary-split logits from the caller (`tidal.runtime.parallelize`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from tidal.config import Config
+from tidal.parallel.shards import like, local
 from tidal.parallel.topology import Topology
 
 
@@ -47,8 +52,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderStage(nn.Module):
-    """One stage of a decoder-only LM: token ids (b, s) or hidden (b, s, h) in; hidden, or logits
-    (b, s, vocab) on the last stage, out. Holds the model's own blocks ``[lo, hi)``."""
+    """One stage of a decoder-only LM: token ids (b, s) or hidden (b, s / sequence_shards, h) in; hidden, or
+    logits (b, s, vocab) on the last stage, out. Holds the model's own blocks ``[lo, hi)``."""
+
+    sequence_shards = 1
+    """Pieces the hidden states between blocks are cut into along the sequence: tp under tensor-parallel
+    sequence parallelism, else 1. Positions and masks are built for the whole sequence."""
 
     def __init__(self, blocks: nn.ModuleList, lo: int, hi: int, *, first: bool, last: bool) -> None:
         super().__init__()
@@ -58,7 +67,8 @@ class DecoderStage(nn.Module):
         self.last = last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        length = x.shape[1] if self.first else x.shape[1] * self.sequence_shards
+        positions = torch.arange(length, device=x.device).unsqueeze(0)
         hidden = self.embed(x, positions) if self.first else x
         hidden = self.run_blocks(hidden, positions)
         return self.head(hidden) if self.last else hidden
@@ -74,11 +84,13 @@ class DecoderStage(nn.Module):
 
 
 def _causal_mask(config: object, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-    """The mask the model's own forward builds for an unpadded batch (None where attention is causal by flag)."""
+    """The mask the model's own forward builds for an unpadded batch of ``positions.shape[1]`` tokens (None
+    where attention is causal by flag); `hidden` may be a sequence shard: only its batch, dtype and device count."""
     from transformers.masking_utils import create_causal_mask
 
+    whole = hidden[:, :1].expand(-1, positions.shape[1], -1)  # a view: the mask is sized from its length
     return create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=positions
+        config=config, inputs_embeds=whole, attention_mask=None, past_key_values=None, position_ids=positions
     )
 
 
@@ -172,9 +184,15 @@ def stage_bounds(num_layers: int, num_stages: int, balance: list[int] | None = N
 
 
 def build_stages(
-    model: nn.Module, pp: int, *, stages_per_rank: int = 1, balance: list[int] | None = None
+    model: nn.Module,
+    pp: int,
+    *,
+    stages_per_rank: int = 1,
+    balance: list[int] | None = None,
+    sequence_shards: int = 1,
 ) -> list[DecoderStage]:
-    """All ``pp * stages_per_rank`` stage modules of `model` in pipeline order, sharing the model's parameters."""
+    """All ``pp * stages_per_rank`` stage modules of `model` in pipeline order, sharing the model's parameters
+    (`sequence_shards`: see `DecoderStage.sequence_shards`)."""
     path = _blocks_path(model)
     num_layers = len(model.get_submodule(path))
     num_stages = pp * stages_per_rank
@@ -187,7 +205,10 @@ def build_stages(
         )
     stage_type = STAGE_TYPES[path]
     bounds = stage_bounds(num_layers, num_stages, balance)
-    return [stage_type(model, lo, hi, first=i == 0, last=i == num_stages - 1) for i, (lo, hi) in enumerate(bounds)]
+    stages = [stage_type(model, lo, hi, first=i == 0, last=i == num_stages - 1) for i, (lo, hi) in enumerate(bounds)]
+    for stage in stages:
+        stage.sequence_shards = sequence_shards
+    return stages
 
 
 def _layers(n: int) -> str:
@@ -350,7 +371,11 @@ class PipelineRunner:
         self.stages_per_rank = settings.stages_per_rank
         self.microbatches = settings.microbatches or self.pp
         check_schedule(self.schedule_name, self.pp, self.microbatches, self.stages_per_rank)
-        stages = build_stages(model, self.pp, stages_per_rank=self.stages_per_rank, balance=balance)
+        # tensor parallel (applied before the split) with sequence parallel passes sequence shards between stages
+        shards = topology.size("tp") if config.parallel.tensor.sequence_parallel else 1
+        stages = build_stages(
+            model, self.pp, stages_per_rank=self.stages_per_rank, balance=balance, sequence_shards=shards
+        )
         self.stage_ids = local_stage_ids(topology, self.stages_per_rank)
         self.stages = [stages[i] for i in self.stage_ids]
         self.num_stages = len(stages)
@@ -431,14 +456,20 @@ class PipelineRunner:
         group, and add them back to the gradients they had before the step."""
         if not self.shared:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.shared])
+        # on local shards: a tensor-parallel weight's pp peers hold the same shard of it (same tp rank)
+        parts = [local(p) for p in self.shared]
+        grads = [
+            local(p.grad) if p.grad is not None else torch.zeros_like(part)
+            for p, part in zip(self.shared, parts, strict=True)
+        ]
+        flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat, group=self.group)
         offset = 0
-        for p, owned in self.shared.items():
-            grad = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for (p, owned), part in zip(self.shared.items(), parts, strict=True):
+            grad = flat[offset : offset + part.numel()].view_as(part)
+            offset += part.numel()
             if owned:
-                p.grad = grad.clone() if stash[p] is None else stash[p].add_(grad)
+                p.grad = like(p, grad.clone()) if stash[p] is None else stash[p].add_(like(p, grad))
 
     def measured_bubble(self) -> PipelineBubble:
         """The bubble of the last `train_step` (every pp rank's, from the same gathered timings)."""

@@ -64,6 +64,11 @@ class TensorParallelInfo:
     sharded: tuple[str, ...]
     """Parameters split over tp (DTensors, Shard or _StridedShard); the others are replicated over tp."""
 
+    @property
+    def vocab_parallel_logits(self) -> bool:
+        """Whether the output projection leaves logits split by vocabulary (a DTensor, Shard(-1)) for the loss."""
+        return self.loss_parallel and "vocab_head" in self.styles.values()
+
 
 def plan_for(model: nn.Module) -> dict[str, str]:
     """The built-in plan for a transformers causal LM, chosen by ``model.config.model_type``."""
@@ -231,13 +236,14 @@ def apply_tensor_parallel(
     for param in model.parameters():
         if isinstance(param, DTensor):
             param.register_post_accumulate_grad_hook(_lay_out_grad_like_param)
-    hooked = loss_parallel and "vocab_head" in styles.values()
-    if hooked and getattr(getattr(model, "loss_function", None), "__name__", "") == "ForCausalLMLoss":
-        model.loss_function = VocabParallelCausalLMLoss(mesh)
     sharded = tuple(
         n for n, p in model.named_parameters() if isinstance(p, DTensor) and not p.placements[0].is_replicate()
     )
-    return TensorParallelInfo(mesh, tp, sequence_parallel, loss_parallel, styles, sharded)
+    info = TensorParallelInfo(mesh, tp, sequence_parallel, loss_parallel, styles, sharded)
+    loss_function = getattr(getattr(model, "loss_function", None), "__name__", "")
+    if info.vocab_parallel_logits and loss_function == "ForCausalLMLoss":
+        model.loss_function = VocabParallelCausalLMLoss(mesh)
+    return info
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

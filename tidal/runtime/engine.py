@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from tidal.config import Config
+from tidal.offload.chunks import updates_in_backward
+from tidal.parallel.expert_checkpoint import ExpertCheckpointLayout
 from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
 from tidal.runtime.deferred import DeferredTensors
@@ -126,19 +128,14 @@ class Engine:
         setattr(self.optimizer, ENGINE_ATTR, self)
 
     def _updates_in_backward(self) -> bool:
-        """Whether a gradient is final when its post-accumulate-grad hook runs, so offloaded chunks may update
-        then: nothing reduces it later (one rank at ZeRO 0, or ZeRO 3), clips it (the norm needs every
-        gradient) or unscales it."""
-        # ZeRO 3: FSDP2 runs the hooks after its reduce-scatter, which is synchronous on the CPU; on CUDA the
-        # gradient would still be in flight on its stream
-        reduced_in_hook = self.dp.stage == 3 and self.context.device.type == "cpu"
-        return (
-            self.config.offload.optimizer.update_in_backward
-            and self.config.train.gradient_clipping is None
-            and not self.scaler.enabled
-            and ((self.dp.stage == 0 and self.dp.world == 1) or reduced_in_hook)
-            and not self.dp.model_parallel
-            and self.pipeline is None
+        """Whether offloaded chunks may update during backward (see `tidal.offload.chunks.updates_in_backward`)."""
+        return updates_in_backward(
+            self.config,
+            zero_stage=self.dp.stage,
+            dp_world=self.dp.world,
+            model_parallel=self.dp.model_parallel,
+            pipelined=self.pipeline is not None,
+            device_type=self.context.device.type,
         )
 
     def _begin_micro_step(self, args: tuple, kwargs: dict) -> None:
@@ -315,13 +312,16 @@ class Engine:
             raise ValueError("no checkpoint directory: pass one to save()/load() or set checkpoint.dir")
         return Path(root)
 
-    def _tensor_state(self, offloaded: dict | None = None) -> dict:
+    def _tensor_state(self, offloaded: dict | None = None, deferred: DeferredTensors | None = None) -> dict:
+        """Model and optimizer tensors by name at their global shapes; experts by global index, whatever the ep."""
         model = self.model.state_dict()
         if self.pipeline is not None:  # a stage holds its own parameters: the others are not this rank's to save
             held = {name for name, _ in self.pipeline.named_parameters}
             params = {name for name, _ in self.model.named_parameters()}
             model = {k: v for k, v in model.items() if k in held or k not in params}
-        return {"model": model, "optim": {"state": self.dp.optimizer_state(offloaded)}}
+        experts = ExpertCheckpointLayout(self.model, self.topology, deferred)
+        optim = experts.optimizer_state(self.dp.optimizer_state(offloaded))
+        return {"model": experts.model_state(model), "optim": {"state": optim}}
 
     def _offloaded_state(self, deferred: DeferredTensors) -> dict | None:
         """The offloaded optimizer's state by parameter (NVMe state as `deferred` placeholders), or None."""
@@ -329,10 +329,6 @@ class Engine:
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write a checkpoint of everything needed to resume (collective: every rank calls it)."""
-        if self.topology.size("ep") > 1:
-            raise NotImplementedError(
-                "checkpoints with parallel.ep > 1 are not supported yet (expert weights are not DTensors)"
-            )
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         extras = {
             "step": self.global_step,
@@ -346,7 +342,7 @@ class Engine:
         return checkpoint.save_checkpoint(
             self._root(path),
             self.global_step,
-            self._tensor_state(self._offloaded_state(deferred)),
+            self._tensor_state(self._offloaded_state(deferred), deferred),
             extras,
             keep=self.config.checkpoint.keep,
             deferred=deferred,
@@ -355,10 +351,10 @@ class Engine:
     def load(self, path: str | os.PathLike | None = None) -> int:
         """Resume from a checkpoint directory (or a root, meaning its latest); returns the step reached.
 
-        The checkpoint may come from another data-parallel size or ZeRO stage."""
+        The checkpoint may come from another data-parallel size, ZeRO stage or expert-parallel size."""
         self._create_optimizer_state()
         deferred = DeferredTensors()
-        state = self._tensor_state(self._offloaded_state(deferred))
+        state = self._tensor_state(self._offloaded_state(deferred), deferred)
         extras = checkpoint.load_checkpoint(self._root(path), state, deferred=deferred)
         if self.optimizer_offload is not None:
             with self._params_resident():
@@ -431,17 +427,8 @@ class CommWatch:
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     p = config.parallel
-    if p.ep > 1 and (config.zero.stage != 0 or p.tp > 1 or p.pp > 1):
-        raise NotImplementedError(
-            f"parallel.ep={p.ep} runs with zero.stage=0 and tp=pp=1 so far; got zero.stage={config.zero.stage}, "
-            f"tp={p.tp}, pp={p.pp}"
-        )
-    if p.tp > 1 and config.zero.stage in (1, 2):
-        raise NotImplementedError(
-            f"zero.stage={config.zero.stage} with parallel.tp={p.tp} is not supported yet; use zero.stage 0 or 3"
-        )
-    if p.tp > 1 and p.pp > 1:
-        raise NotImplementedError("parallel.tp > 1 with parallel.pp > 1 is not supported yet; use one of them")
+    if p.ep > 1 and (p.tp > 1 or p.pp > 1):
+        raise NotImplementedError(f"parallel.ep={p.ep} runs with tp=pp=1 so far; got tp={p.tp}, pp={p.pp}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"tidal.wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if hasattr(model, ENGINE_ATTR):

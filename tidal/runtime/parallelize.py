@@ -3,7 +3,8 @@
     parts = parallelize(model, optimizer, config, context)
 
 The order (DESIGN.md's flow of one step): tensor parallel (after the model is on its device: moving
-a model with DTensor parameters loses their gradient hooks), the pipeline split (this rank's stages), sequence parallel
+a model with DTensor parameters loses their gradient hooks), the pipeline split (this rank's stages, cut from
+the tensor-parallel model; the optimizer keeps their parameters only), sequence parallel
 attention (it changes how attention runs, before anything wraps the modules), expert parallel (MoE
 blocks become layers holding this rank's experts), then data parallel / ZeRO
 over ``dp_sp`` (FSDP2 for stage 3, with parameter offload streaming its shards), then optimizer offload
@@ -31,7 +32,8 @@ from tidal.parallel.sequence import (
     apply_sequence_parallel,
     shard_batch_for_sequence_parallel,
 )
-from tidal.parallel.tensor import TensorParallelInfo, apply_tensor_parallel
+from tidal.parallel.shards import local
+from tidal.parallel.tensor import TensorParallelInfo, VocabParallelCausalLMLoss, apply_tensor_parallel
 from tidal.parallel.topology import Topology
 from tidal.runtime.context import Context
 
@@ -59,11 +61,13 @@ def parallelize(
     """Apply `config`'s parallel and offload settings to `model` and `optimizer` in place (see the module doc)."""
     topology = context.topology
     tensor = apply_tensor_sharding(model, optimizer, topology, config) if config.parallel.tp > 1 else None
-    pipeline = PipelineRunner(model, topology, config) if config.parallel.pp > 1 else None
+    pipeline = apply_pipeline(model, optimizer, topology, config, tensor) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
     experts = apply_expert_parallel(model, topology, optimizer) if config.parallel.ep > 1 else None
-    held = None if pipeline is None else [p for _, p in pipeline.named_parameters]
-    dp = apply_data_parallel(model, optimizer, topology, config, context.device, on_comm=on_comm, params=held)
+    held, stages = (None, None) if pipeline is None else ([p for _, p in pipeline.named_parameters], pipeline.stages)
+    dp = apply_data_parallel(
+        model, optimizer, topology, config, context.device, on_comm=on_comm, params=held, stages=stages
+    )
     optimizer_offload = offload_optimizer(optimizer, config.offload)
     param_offload = getattr(dp, "param_offload", None)
     if param_offload is not None and optimizer_offload is not None:
@@ -91,6 +95,49 @@ def apply_tensor_sharding(
     for group in optimizer.param_groups:
         group["params"] = [by_name[names[id(p)]] for p in group["params"]]
     return info
+
+
+def apply_pipeline(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    topology: Topology,
+    config: Config,
+    tensor: TensorParallelInfo | None,
+) -> PipelineRunner:
+    """This rank's pipeline stages (of the model tensor parallel has already split when tp > 1), with the
+    optimizer keeping only their parameters: it has no state for other ranks' stages to save or restore.
+
+    The last stage computes the loss on vocabulary-split logits when tensor parallel leaves them so
+    (``loss_parallel``)."""
+    if tensor is not None and tensor.vocab_parallel_logits:
+        pipeline = PipelineRunner(model, topology, config, loss_fn=VocabParallelCausalLMLoss(tensor.mesh))
+    else:
+        pipeline = PipelineRunner(model, topology, config)
+    held = {id(p) for _, p in pipeline.named_parameters}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in held]
+    release_other_stages(model, held)
+    return pipeline
+
+
+def release_other_stages(model: torch.nn.Module, held: set[int]) -> int:
+    """Replace the parameters of the stages other pp ranks run by meta tensors of their shape, so that a
+    pipeline rank keeps only its own stages in memory; returns the bytes freed.
+
+    The model's structure and parameter names stay (its state_dict lists the others' parameters as meta
+    tensors; checkpoints save a rank's own only)."""
+    placeholders: dict[int, torch.nn.Parameter] = {}
+    freed = 0
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or id(p) in held or p.is_meta:
+                continue
+            if id(p) not in placeholders:  # a weight two modules share gets one placeholder
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                placeholders[id(p)] = torch.nn.Parameter(meta, requires_grad=p.requires_grad)
+                freed += local(p).numel() * p.element_size()
+            module._parameters[name] = placeholders[id(p)]
+    return freed
 
 
 def apply_sequence_sharding(model: torch.nn.Module, topology: Topology, config: Config) -> SequenceParallelAttention:
