@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor, Shard
 from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
 from tidal.offload.params import apply_param_offload, fsdp_offload_policy
-from tidal.parallel.shards import like, local
+from tidal.parallel.shards import like, local, pipeline_copies
 from tidal.parallel.topology import Topology
 from tidal.runtime.device import Device
 
@@ -109,7 +109,9 @@ class DataParallel:
         gradient once over the whole job: a piece held by r ranks (data-parallel replicas, DTensor
         Replicate dimensions) adds 1/r of its square on each, and the shares are summed over the world."""
         if self.model_parallel:
-            return _sq_sum(self.optimizer_grads(), self.world, self.tp), self.world_group
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            parts = [(local(p.grad), self.world * _replicated(p.grad, self.tp) * pipeline_copies(p)) for p in params]
+            return _counted_sq_sum(parts), self.world_group
         return _sq_sum(self.optimizer_grads()), None
 
     def drop_grads(self) -> None:
@@ -336,11 +338,16 @@ class ShardedOptimizer(DataParallel):
     def grad_sq_sum(self) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
         # a shard's rows are held once over its replicas (dp_sp, or edp for an expert: other ep ranks hold other
         # experts), and by as many tp ranks as its parameter's tp replicas
-        sharded = [(s.grad, _replicated(p, self.tp)) for p, s in self.shards.items() if s.grad is not None]
+        sharded = [
+            (s.grad, _replicated(p, self.tp) * pipeline_copies(p)) for p, s in self.shards.items() if s.grad is not None
+        ]
         replicated = [p for p in self.trained if p.grad is not None and p not in self.shards]
         total = _counted_sq_sum(sharded)
         if self.model_parallel:
-            held = [(local(p.grad), self.replicas(p).size * _replicated(p.grad, self.tp)) for p in replicated]
+            held = [
+                (local(p.grad), self.replicas(p).size * _replicated(p.grad, self.tp) * pipeline_copies(p))
+                for p in replicated
+            ]
             return total + _counted_sq_sum(held), self.world_group
         if self.rank == 0:  # replicated gradients are equal on every rank: count them once
             total += _sq_sum([p.grad for p in replicated])

@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from tidal.config import Config
-from tidal.parallel.shards import like, local
+from tidal.parallel.shards import PIPELINE_COPIES, like, local
 from tidal.parallel.topology import Topology
 
 
@@ -491,9 +491,13 @@ def _inputs(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Ten
 
 
 def _shared_parameters(model: nn.Module, stages: list[DecoderStage], pp: int, rank: int) -> dict[nn.Parameter, bool]:
-    """Parameters held by stages on more than one pp rank (in model order) -> whether this rank holds one."""
+    """Parameters held by stages on more than one pp rank (in model order) -> whether this rank holds one;
+    each is marked with how many ranks hold it (`PIPELINE_COPIES`)."""
     holders: dict[nn.Parameter, set[int]] = {}
     for i, stage in enumerate(stages):
         for p in stage.parameters():
             holders.setdefault(p, set()).add(i % pp)
-    return {p: rank in holders[p] for p in model.parameters() if len(holders.get(p, ())) > 1}
+    shared = {p: rank in holders[p] for p in model.parameters() if len(holders.get(p, ())) > 1}
+    for p in shared:
+        setattr(p, PIPELINE_COPIES, len(holders[p]))  # the gradient norm counts it once over the pipeline
+    return shared

@@ -20,3 +20,13 @@ def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(
         value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
+
+
+PIPELINE_COPIES = "_tidal_pipeline_copies"
+"""Attribute of a parameter held by stages on more than one pipeline rank (a tied embedding and LM head): how
+many hold it. Each has its whole gradient, so a gradient norm counts 1/copies of it on each."""
+
+
+def pipeline_copies(param: torch.Tensor) -> int:
+    """Pipeline ranks holding `param` (1 unless `PIPELINE_COPIES` says more)."""
+    return getattr(param, PIPELINE_COPIES, 1)
