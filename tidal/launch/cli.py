@@ -1,4 +1,4 @@
-"""The `tidal` command: `tidal launch`, `tidal ray` and `tidal doctor`."""
+"""The `tidal` command: `tidal launch`, `tidal ray`, `tidal plan` and `tidal doctor`."""
 
 from __future__ import annotations
 
@@ -115,6 +115,76 @@ def _run_ray(ns: argparse.Namespace) -> int:
 # -- tidal ray (end) --------------------------------------------------------------------------------
 
 
+# -- tidal plan (begin) -----------------------------------------------------------------------------
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    from tidal.memory.presets import PRESETS
+
+    p = sub.add_parser(
+        "plan",
+        help="will a job fit: per-rank memory per tier, verdict, and the smallest change that fits",
+        description="Dry run of one training step of MODEL under fake tensors (no memory, no GPU needed): "
+        f"MODEL is a preset ({', '.join(PRESETS)}), a Hugging Face config.json, or module:function returning "
+        "(model, example_batch). Exits 0 when it fits, 1 when it does not.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--world", type=int, default=None, help="ranks in the job (default: product of the sizes)")
+    _config_flags(p)
+    p.add_argument("--zero", type=int, default=None, choices=range(4), help="zero.stage")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (train.micro_batch_size)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048, at most the model's)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="precision.dtype")
+    p.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GiB (default: probed; none: host)")
+    p.add_argument("--cpu-mem", default=None, help="host memory per node, e.g. 512GiB (default: available here)")
+    p.add_argument("--nvme", default=None, metavar="PATH", help="NVMe directory: its free space is the budget")
+    p.add_argument("--nvme-space", default=None, help="NVMe space per node instead of --nvme's free space, e.g. 4TiB")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing a node (default: GPUs here)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--yaml", action="store_true", help="print the config to run (tidal YAML) only")
+    out.add_argument("--json", action="store_true", help="print the whole report as JSON")
+
+
+def _run_plan(ns: argparse.Namespace) -> int:
+    """Run `tidal plan`: 0 when the job fits, 1 when it does not, 2 for a bad MODEL or flag."""
+    import json
+
+    from tidal.memory.planner import Budgets, plan
+    from tidal.memory.report import format_plan, plan_summary
+
+    overrides = _overrides(ns)
+    overrides += [f"{key}={value}" for key, value in (("zero.stage", ns.zero), ("precision.dtype", ns.precision))]
+    overrides = [o for o in overrides if not o.endswith("=None")]
+    try:
+        config = Config.load(ns.config, overrides=overrides)
+        budgets = Budgets.probe(
+            gpu_mem=ns.gpu_mem,
+            cpu_mem=ns.cpu_mem,
+            nvme=ns.nvme,
+            nvme_space=ns.nvme_space,
+            ranks_per_node=ns.ranks_per_node,
+        )
+        report = plan(ns.model, config, ns.world, budgets, micro_batch=ns.micro_batch, seq_len=ns.seq)
+    except (ValueError, OSError) as err:  # a bad MODEL, size, config or sizes: the message names the fix
+        print(f"tidal plan: {err}", file=sys.stderr)
+        return 2
+    if ns.json:
+        print(json.dumps(plan_summary(report), indent=2))
+    elif ns.yaml:
+        verdict = "fits" if report.fits else "does not fit"
+        applied = f"; with {' '.join(report.change.overrides)} it fits" if report.change else ""
+        print(f"# tidal plan {ns.model}: {verdict}{applied}")
+        print(report.runnable_config().to_yaml(), end="")
+    else:
+        print(format_plan(report))
+        if report.change is not None:
+            print("the same flags with --yaml print the config with the change applied (for --config or tidal.wrap)")
+    return 0 if report.fits else 1
+
+
+# -- tidal plan (end) -------------------------------------------------------------------------------
+
+
 def _doctor_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="what this machine offers tidal", description="One screen on this machine.")
     p.add_argument("--dir", default=".", help="directory whose space and O_DIRECT bandwidth to measure")
@@ -126,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _launch_parser(sub)
     _ray_parser(sub)
+    _plan_parser(sub)
     _doctor_parser(sub)
     return parser
 
@@ -165,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch(launch_options(ns))
         if ns.command == "ray":
             return _run_ray(ns)
+        if ns.command == "plan":
+            return _run_plan(ns)
         from tidal.launch import doctor
 
         return doctor.run(ns.dir, ns.size_mb << 20)

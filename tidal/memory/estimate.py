@@ -2,15 +2,15 @@
 
     model = build_on_meta()                       # parameter shapes only; nothing is allocated
     est = estimate(model, config, world_size=8, optimizer=torch.optim.AdamW)
-    print(format_estimate(est))                   # one table per distinct rank
+    print(format_estimate(est))                   # tidal.memory.report: one table per distinct rank
     est.peak("device")                            # the largest rank's predicted peak, bytes
 
 What is counted, per rank, in each tier (device, cpu, nvme):
 
 - params: the parameters this rank holds: tensor-parallel shards (the shapes `tensor_plans` gives), experts
   divided over ep, ZeRO-3 shards padded as FSDP2 pads them (``ceil(rows / dp_sp)`` rows on every rank). Under
-  pipeline parallelism every rank keeps the whole model (the runtime moves it all to the device) and trains
-  its stages' parameters only; with ZeRO 3 only those are sharded.
+  pipeline parallelism a rank keeps its stages' parameters only (the others become meta placeholders at wrap);
+  with ZeRO 3 those are sharded.
 - grads: gradients alive when the optimizer step starts: full for ZeRO 0-1, this rank's rows for ZeRO 2,
   padded shards for ZeRO 3; none for offloaded chunks the optimizer updated during backward.
 - optimizer: state of the parameters this rank updates (ZeRO 1-3: its rows, torch.chunk sizes), ``slots``
@@ -32,7 +32,6 @@ splits, tensor plans) so the estimate cannot drift from a run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +39,6 @@ from torch import nn
 
 from tidal.comm.buckets import FIRST_BUCKET_BYTES, lay_out_segments, row_range
 from tidal.config import Config
-from tidal.memory.probe import format_bytes
 from tidal.offload.chunks import ALIGN_BYTES, KERNEL_OPTIONS, updates_in_backward
 from tidal.offload.nvme import padded_size
 from tidal.offload.optimizer import READ_AHEAD
@@ -330,12 +328,12 @@ def _rank(job: _Job, rank: int) -> RankEstimate:
 
     # parameters and gradients
     if stage < 3:
-        params = TierBytes.on(dev, sum(p.nbytes for p in job.params))
+        params = TierBytes.on(dev, sum(p.nbytes for p in job.params if held is None or p.name in held))
         sharded = stage == 2
         grad_bytes = {p.name: (p.rows(world, me) if sharded and p.shape else p.numel) * p.itemsize for p in trained}
     else:
         shard = {p.name: p.padded_rows(world) * p.itemsize for p in trained}
-        whole = sum(p.nbytes for p in job.params if p.name not in shard)  # other pp stages stay whole
+        whole = sum(p.nbytes for p in job.params if p.name not in shard and (held is None or p.name in held))
         streamed = c.offload.params.device == "nvme"
         on_nvme = sum(padded_size(shard[p.name]) for p in trained if streamed and p.block is not None)
         resident = sum(shard[p.name] for p in trained if not (streamed and p.block is not None))
@@ -590,40 +588,3 @@ def _optimizer_order(
 
 
 # -- the table ------------------------------------------------------------------------------------------
-
-
-def format_estimate(est: MemoryEstimate) -> str:
-    """One table per group of ranks with equal numbers: categories x tiers, then the steady and peak rows."""
-    groups: dict[tuple, list[int]] = {}
-    for r in est.ranks:
-        key = tuple(tuple(r.category(n)[t] for t in TIERS) for n in CATEGORIES) + (r.buffer_list,)
-        groups.setdefault(key, []).append(r.rank)
-    sizes = " ".join(f"{k}={v}" for k, v in est.sizes.items())
-    s = est.optimizer
-    lines = [f"memory per rank: {sizes}, zero.stage={est.zero_stage}, {s.name} ({s.slots} state slots)"]
-    for members in groups.values():
-        r = est.ranks[members[0]]
-        lines.append("")
-        lines.append(f"ranks {_ranges(members)} (pp, dp, sp, tp = {r.coords})")
-        lines.append(f"  {'':<13}" + "".join(f"{t:>12}" for t in TIERS))
-        for name in CATEGORIES:
-            lines.append(f"  {name:<13}" + "".join(f"{format_bytes(r.category(name)[t]):>12}" for t in TIERS))
-        for label, fn in (("steady", r.steady), ("peak", r.peak)):
-            lines.append(f"  {label:<13}" + "".join(f"{format_bytes(fn(t)):>12}" for t in TIERS))
-        for b in r.buffer_list:
-            kind = "kept" if b.persistent else "transient"
-            lines.append(f"    {b.name}: {format_bytes(b.nbytes)} on {b.tier} ({kind})")
-    lines.append("")
-    lines.append("peak over ranks: " + ", ".join(f"{t} {format_bytes(est.peak(t))}" for t in TIERS))
-    lines += [f"note: {n}" for n in est.notes]
-    return "\n".join(lines)
-
-
-def _ranges(ranks: Iterable[int]) -> str:
-    ranks = sorted(ranks)
-    parts, start = [], ranks[0]
-    for a, b in zip(ranks, [*ranks[1:], None], strict=True):
-        if b != a + 1:
-            parts.append(str(start) if start == a else f"{start}-{a}")
-            start = b
-    return ",".join(parts)
