@@ -39,7 +39,7 @@ from torch import nn
 
 from tidal.comm.buckets import FIRST_BUCKET_BYTES, lay_out_segments, row_range
 from tidal.config import Config
-from tidal.offload.chunks import ALIGN_BYTES, KERNEL_OPTIONS, updates_in_backward
+from tidal.offload.chunks import ALIGN_BYTES, KERNEL_OPTIONS, cut_runs, updates_in_backward
 from tidal.offload.nvme import padded_size
 from tidal.offload.optimizer import READ_AHEAD
 from tidal.parallel.data import _chunks, repeated_blocks
@@ -372,15 +372,7 @@ def _optimizer(job: _Job, opt_params: list[tuple[_Param, int]], world: int):
         on_device = sum(n * p.itemsize * s.slots + s.scalar_bytes for p, n in opt_params)
         return TierBytes.on("device", on_device), TierBytes(), [], []
     chunk_bytes = c.offload.optimizer.chunk_mb * 2**20
-    cuts: list[list[tuple[_Param, int]]] = [[]]
-    size = 0
-    for entry in opt_params:
-        if cuts[-1] and size >= chunk_bytes:
-            cuts.append([])
-            size = 0
-        cuts[-1].append(entry)
-        size += entry[1] * per_element
-    cuts = [cut for cut in cuts if cut]
+    cuts = cut_runs(opt_params, (n * per_element for _, n in opt_params), chunk_bytes)
     on_device = round(c.offload.optimizer.ratio * len(cuts))
     tier = c.offload.optimizer.device
     state, masters = TierBytes(), TierBytes()

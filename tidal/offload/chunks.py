@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -13,8 +15,25 @@ from tidal.config import Config
 from tidal.offload.store import empty_aligned
 from tidal.runtime.device import Handle
 
+T = TypeVar("T")
+
 ALIGN_BYTES = 64
 """Alignment of each tensor inside a chunk's file, bytes (any dtype's itemsize divides it)."""
+
+
+def cut_runs(items: Sequence[T], sizes: Iterable[float], limit: float) -> list[list[T]]:
+    """`items` cut into consecutive runs, each closed once its `sizes` reach `limit` (one item at least).
+
+    The one rule for optimizer chunks, ZeRO's all-gather groups and the memory estimate of both."""
+    runs: list[list[T]] = []
+    size = limit  # the first item opens a run
+    for item, nbytes in zip(items, sizes, strict=True):
+        if size >= limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += nbytes
+    return runs
 
 
 def updates_in_backward(

@@ -44,6 +44,7 @@ from tidal.offload.chunks import (
     KERNEL_OPTIONS,
     Chunk,
     Staging,
+    cut_runs,
     fused_on_cpu,
     host_kernel,
     lay_out,
@@ -112,15 +113,7 @@ class OffloadedOptimizer(CheckpointedChunks):
     def _make_chunks(self, chunk_bytes: float, ratio: float) -> list[Chunk]:
         entries = [(p, g) for g, group in enumerate(self.optimizer.param_groups) for p in group["params"]]
         per_element = 4 * (state_slots(self.optimizer) + 1)  # fp32 state slots plus the master copy
-        cuts: list[list[tuple[torch.Tensor, int]]] = [[]]
-        size = 0
-        for p, g in entries:
-            if cuts[-1] and size >= chunk_bytes:
-                cuts.append([])
-                size = 0
-            cuts[-1].append((p, g))
-            size += local(p).numel() * per_element
-        cuts = [c for c in cuts if c]
+        cuts = cut_runs(entries, (local(p).numel() * per_element for p, _ in entries), chunk_bytes)
         on_device = round(ratio * len(cuts))
         chunks = []
         for i, cut in enumerate(cuts):

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from tidal.comm.buckets import GradientBuckets, copy_rows, lay_out_segments, row_range
 from tidal.config import Config
+from tidal.offload.chunks import cut_runs
 from tidal.offload.params import apply_param_offload, fsdp_offload_policy
 from tidal.parallel.shards import like, local, pipeline_copies
 from tidal.parallel.topology import Topology
@@ -167,15 +168,7 @@ class DataParallel:
 
 def _chunks(params: list[torch.nn.Parameter], limit_bytes: int) -> list[list[torch.nn.Parameter]]:
     """Consecutive groups of `params` of about `limit_bytes` each (at least one parameter per group)."""
-    groups: list[list[torch.nn.Parameter]] = [[]]
-    size = 0
-    for p in params:
-        if groups[-1] and size >= limit_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += local(p).numel() * p.element_size()
-    return [g for g in groups if g]
+    return cut_runs(params, (local(p).numel() * p.element_size() for p in params), limit_bytes)
 
 
 def _sq_sum(grads: list[torch.Tensor], replicas: int = 1, plain: int = 1) -> torch.Tensor:
