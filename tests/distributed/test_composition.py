@@ -35,6 +35,20 @@ SCENARIOS = {
     "sp2xdp2-ring-zero3": (4, {"parallel": {"sp": 2, "sequence": {"method": "ring"}}, "zero": {"stage": 3}}),
     "tp2": (2, {"parallel": {"tp": 2}}),
     "tp2-seqpar-zero3": (2, {"parallel": {"tp": 2, "tensor": {"sequence_parallel": True}}, "zero": {"stage": 3}}),
+    # collective matmuls (comm.overlap.tp: on; the scenarios above run the default, auto)
+    "tp2-overlap-on": (2, {"parallel": {"tp": 2}, "comm": {"overlap": {"tp": "on", "chunks": 3}}}),
+    "tp2-seqpar-overlap-on": (
+        2,
+        {"parallel": {"tp": 2, "tensor": {"sequence_parallel": True}}, "comm": {"overlap": {"tp": "on"}}},
+    ),
+    "tp2-seqpar-overlap-on-clip-gpt2": (
+        2,
+        {
+            "parallel": {"tp": 2, "tensor": {"sequence_parallel": True}},
+            "comm": {"overlap": {"tp": "on", "chunks": 2}},
+            "train": {"gradient_clipping": CLIP},
+        },
+    ),
     "tp2xdp2-clip": (4, {"parallel": {"tp": 2}, "train": {"gradient_clipping": CLIP}}),
     "tp2xdp2-zero1": (4, {"parallel": {"tp": 2}, "zero": {"stage": 1}}),
     "tp2xdp2-zero1-offload-cpu": (
@@ -150,6 +164,8 @@ def _resumed(name: str, config: dict, engine):
 def _train(name: str, config: dict):
     ctx = current()
     model, opt, engine = _wrapped(name, config)
+    if "overlap-on" in name:
+        assert any(getattr(m, "_tidal_overlap_colwise", False) for m in model.modules()), "no collective matmul"
     dp, dp_rank = ctx.topology.size("dp"), ctx.topology.rank("dp")
     losses = []
     for step, ids in enumerate(batches(STEPS, GLOBAL_BATCH)):

@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import parallelize_module
 
+from tidal.comm.overlap import Overlap
 from tidal.parallel.tensor_plans import PLANS, STYLE_NAMES, build_style, is_conv1d, sharded_dims
 from tidal.parallel.topology import Topology
 
@@ -201,6 +202,7 @@ def apply_tensor_parallel(
     *,
     sequence_parallel: bool = False,
     loss_parallel: bool = True,
+    overlap: Overlap | None = None,
 ) -> TensorParallelInfo:
     """Split `model` in place over the topology's tp group by `plan` (default: the family's built-in plan).
 
@@ -209,6 +211,9 @@ def apply_tensor_parallel(
         sequence_parallel: keep activations between blocks sharded along the sequence (dim 1).
         loss_parallel: keep logits sharded by vocabulary and compute a transformers causal LM's loss on the
             shards; False gathers full logits (``out.logits`` a plain tensor) and leaves the loss alone.
+        overlap: run the colwise/rowwise linears as collective matmuls (`tidal.comm.overlap`): the
+            block input's all-gather (sp) or input-gradient all-reduce overlaps the colwise matmuls, the
+            row-parallel reduction overlaps its matmul; None or mode "off" keeps torch's styles.
     After each backward every DTensor gradient has its parameter's placements (a post-accumulate-grad hook);
     parameters left plain are replicated over tp, with equal gradients on every tp rank. Call it once the
     model is on its device: ``nn.Module.to()`` swaps DTensor parameters, and hooks on swapped parameters
@@ -228,7 +233,7 @@ def apply_tensor_parallel(
     tied = _tied_groups(model)
     styles = {}
     for name, module, style_name in found:
-        style = build_style(style_name, module, sequence_parallel, loss_parallel)
+        style = build_style(style_name, module, sequence_parallel, loss_parallel, overlap)
         if style is not None:
             parallelize_module(module, mesh, style)
             styles[name] = style_name

@@ -29,6 +29,7 @@ expert.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -39,6 +40,14 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
+
+from tidal.comm.overlap import (
+    Overlap,
+    all_gather_matmul,
+    matmul_all_reduce,
+    matmul_reduce_scatter,
+    replicated_matmul,
+)
 
 _LLAMA_ATTENTION = {
     "model.embed_tokens": "vocab_embedding",
@@ -174,10 +183,16 @@ class BlockInput(ParallelStyle):
     gradients add up as a DTensor and are reduced once (reduce-scatter with sp, else all-reduce).
     `local_heads` divides the module's head counts (`LOCAL_HEAD_ATTRS`) by tp, for code that reshapes
     with them; code that reshapes with ``-1`` heads (transformers 5.x Llama) needs nothing.
+
+    With `overlap` the block's colwise linears (styled with the same `overlap`) run as one collective
+    matmul instead (`tidal.comm.overlap.all_gather_matmul`, or `replicated_matmul` without sp): the
+    block receives a placeholder of the full hidden states' shape (zero strides, NaN values: any use
+    other than feeding those linears turns the output into NaN rather than silently wrong numbers),
+    and the first linear called computes every linear's output at once from the real input.
     """
 
-    def __init__(self, sequence_parallel: bool, local_heads: bool = False) -> None:
-        self.sequence_parallel, self.local_heads = sequence_parallel, local_heads
+    def __init__(self, sequence_parallel: bool, local_heads: bool = False, overlap: Overlap | None = None) -> None:
+        self.sequence_parallel, self.local_heads, self.overlap = sequence_parallel, local_heads, overlap
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if self.local_heads:
@@ -188,8 +203,65 @@ class BlockInput(ParallelStyle):
         def convert(x: torch.Tensor) -> DTensor:
             return _as_dtensor(x, device_mesh, _seq(self.sequence_parallel)).redistribute(device_mesh, [Replicate()])
 
-        module.register_forward_pre_hook(partial(_hidden_states_hook, convert), with_kwargs=True)
+        def pending(x: torch.Tensor) -> torch.Tensor:
+            consumers = [m for m in module.modules() if getattr(m, "_tidal_overlap_colwise", False)]
+            if not consumers:
+                return convert(x)
+            return _PendingBlockInput(x, consumers, device_mesh, self.sequence_parallel, self.overlap).placeholder()
+
+        hook = pending if self.overlap is not None and self.overlap.mode != "off" else convert
+        module.register_forward_pre_hook(partial(_hidden_states_hook, hook), with_kwargs=True)
         return module
+
+
+class _PendingBlockInput:
+    """A block's real input, waiting for its colwise linears: the first one asking computes them all."""
+
+    def __init__(self, x: torch.Tensor, consumers: list[nn.Module], mesh: DeviceMesh, sp: bool, overlap: Overlap):
+        self.x, self.consumers, self.mesh, self.sp, self.overlap = x, consumers, mesh, sp, overlap
+        self.outputs: dict[int, torch.Tensor] | None = None
+
+    def placeholder(self) -> torch.Tensor:
+        """The full hidden states' shape, zero strides, NaN; it alone refers to this object (no cycle)."""
+        shape = list(self.x.shape)
+        if self.sp and not isinstance(self.x, DTensor):
+            shape[1] *= self.mesh.size()  # a local sequence shard; a DTensor reports its global shape already
+        local = self.x.to_local() if isinstance(self.x, DTensor) else self.x
+        placeholder = local.new_full((), math.nan).expand(shape)
+        placeholder._tidal_block_input = self
+        return placeholder
+
+    def output(self, module: nn.Module) -> torch.Tensor:
+        if self.outputs is None:
+            self.outputs = dict(zip(map(id, self.consumers), self._compute(), strict=True))
+            self.x = None
+        return self.outputs[id(module)]
+
+    def _compute(self) -> list[torch.Tensor]:
+        bs = [_right_operand(m) for m in self.consumers]
+        group = self.mesh.get_group()
+        local = self.x.to_local() if isinstance(self.x, DTensor) else self.x
+        overlap = self.overlap
+
+        def plain(x: torch.Tensor, *bs: torch.Tensor) -> list[torch.Tensor]:
+            full = replicated_local(_as_dtensor(x, self.mesh, _seq(self.sp)), self.mesh)
+            return [full @ b for b in bs]
+
+        def overlapped(x: torch.Tensor, *bs: torch.Tensor) -> list[torch.Tensor]:
+            if self.sp:
+                return all_gather_matmul(x, bs, group, dim=1, chunks=overlap.chunks, observe=overlap.observe)
+            return replicated_matmul(x, bs, group, chunks=overlap.chunks, observe=overlap.observe)
+
+        key = ("colwise", self.sp, tuple(local.shape), local.dtype, tuple(tuple(b.shape) for b in bs))
+        if overlap.choose(key, group, plain, overlapped, [local, *bs]) is overlapped:
+            return overlapped(local, *bs)
+        return plain(self.x, *bs)  # the input as given: a DTensor keeps its own gradient placements
+
+
+def _right_operand(module: nn.Module) -> torch.Tensor:
+    """The local weight as the right operand of ``x @ w``: ``[in, out]`` (a Conv1D's own layout)."""
+    weight = module.weight.to_local()
+    return weight if is_conv1d(module) else weight.t()
 
 
 class SequenceSplit(ParallelStyle):
@@ -221,28 +293,53 @@ class LocalLinear(ParallelStyle):
     input ``[..., in]`` replicated (or a DTensor), output local ``[..., out/tp]``.
     rowwise: weight split on its input features; input local ``[..., in/tp]``; the partial product is
     reduced (all-reduce, or reduce-scatter along the sequence with sp), then the replicated bias added.
+    With `overlap` (not "off"): colwise takes its output from its block's collective matmul (see
+    `BlockInput`) when fed the block's placeholder; rowwise reduces piece by piece as the matmul
+    produces them (`matmul_reduce_scatter`, or `matmul_all_reduce` without sp).
     """
 
-    def __init__(self, kind: str, pieces: int = 1, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, kind: str, pieces: int = 1, sequence_parallel: bool = False, overlap: Overlap | None = None
+    ) -> None:
         self.kind, self.pieces, self.sequence_parallel = kind, pieces, sequence_parallel
+        self.overlap = overlap if overlap is not None and overlap.mode != "off" else None
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         style = "colwise_qkv" if self.pieces == 3 else self.kind
         _split_parameters(module, device_mesh, sharded_dims(style, module), self.src_data_rank)
         module.forward = partial(self._forward, module, device_mesh)
+        if self.kind == "colwise" and self.overlap is not None:
+            module._tidal_overlap_colwise = True
         return module
 
     def _forward(self, module: nn.Module, mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
-        weight = module.weight.to_local()
-        weight = weight if is_conv1d(module) else weight.t()
+        weight = _right_operand(module)
         if self.kind == "colwise":
-            y = replicated_local(x, mesh) @ weight
+            block = getattr(x, "_tidal_block_input", None)
+            y = block.output(module) if block is not None else replicated_local(x, mesh) @ weight
             return y if module.bias is None else y + module.bias.to_local()
-        y = reduce_partial((x.to_local() if isinstance(x, DTensor) else x) @ weight, mesh, self.sequence_parallel)
+        x = x.to_local() if isinstance(x, DTensor) else x
+        sp = self.sequence_parallel
+        y = self._reduced(x, weight, mesh) if self.overlap is not None else reduce_partial(x @ weight, mesh, sp)
         if module.bias is None:
             return y
         # With sp each rank adds the bias to its own tokens only: its gradient is partial over tp.
         return y + module.bias.to_local(grad_placements=[Partial()] if self.sequence_parallel else None)
+
+    def _reduced(self, x: torch.Tensor, weight: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        """Row-parallel matmul whose reduction overlaps it (or not, as the overlap mode decides)."""
+        overlap, group, sp = self.overlap, mesh.get_group(), self.sequence_parallel
+
+        def plain(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return reduce_partial(x @ weight, mesh, sp)
+
+        def overlapped(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if sp:
+                return matmul_reduce_scatter(x, weight, group, dim=1, chunks=overlap.chunks, observe=overlap.observe)
+            return matmul_all_reduce(x, weight, group, chunks=overlap.chunks, observe=overlap.observe)
+
+        key = ("rowwise", sp, tuple(x.shape), x.dtype, tuple(weight.shape))
+        return overlap.choose(key, group, plain, overlapped, [x, weight])(x, weight)
 
 
 class VocabEmbedding(ParallelStyle):
@@ -325,24 +422,34 @@ class ExpertsParallel(ParallelStyle):
         return module
 
 
-def build_style(style: str, module: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> ParallelStyle | None:
-    """The ParallelStyle for `style` on `module`, or None where the style does nothing (sp-only styles without sp)."""
+def build_style(
+    style: str, module: nn.Module, sequence_parallel: bool, loss_parallel: bool, overlap: Overlap | None = None
+) -> ParallelStyle | None:
+    """The ParallelStyle for `style` on `module`, or None where the style does nothing (sp-only styles without sp).
+
+    `overlap` (mode not "off") makes linears of the colwise/rowwise styles and the attention/mlp block
+    inputs collective matmuls (`tidal.comm.overlap`); torch's styles serve them otherwise.
+    """
     sp = sequence_parallel
+    overlap = overlap if overlap is not None and overlap.mode != "off" else None
+    linear = isinstance(module, nn.Linear) and overlap is None
     if style == "colwise":
-        return ColwiseParallel() if isinstance(module, (nn.Linear, nn.Embedding)) else LocalLinear("colwise")
+        if isinstance(module, nn.Embedding) or linear:
+            return ColwiseParallel()
+        return LocalLinear("colwise", overlap=overlap)
     if style == "colwise_qkv":
-        return LocalLinear("colwise", pieces=3)
+        return LocalLinear("colwise", pieces=3, overlap=overlap)
     if style == "rowwise":
-        if isinstance(module, nn.Linear):
+        if linear:
             return RowwiseParallel(output_layouts=_seq(sp))
-        return LocalLinear("rowwise", sequence_parallel=sp)
+        return LocalLinear("rowwise", sequence_parallel=sp, overlap=overlap)
     if style == "vocab_embedding":
         return VocabEmbedding()
     if style == "vocab_head":
         out = Shard(-1) if loss_parallel else Replicate()
         return ColwiseParallel(input_layouts=_seq(sp), output_layouts=out, use_local_output=not loss_parallel)
     if style in ("attention", "mlp"):
-        return BlockInput(sp, local_heads=style == "attention")
+        return BlockInput(sp, local_heads=style == "attention", overlap=overlap)
     if style == "moe":
         return MoEBlock(sp)
     if style == "experts":

@@ -39,6 +39,8 @@ class Features:
     """torch was built with its own MPI backend (rare; tidal's MPI support does not need it)."""
     bf16_cpu: bool
     """bf16 matmuls run on this CPU (torch reports the AMX/AVX512-BF16 path or falls back correctly)."""
+    symm_mem: bool
+    """CUDA with torch's symmetric-memory collective matmuls (fused_all_gather_matmul and friends)."""
 
 
 @functools.cache
@@ -53,7 +55,27 @@ def features() -> Features:
         gloo=dist.is_available() and dist.is_gloo_available(),
         mpi=dist.is_available() and dist.is_mpi_available(),
         bf16_cpu=torch.backends.mkldnn.is_available(),
+        symm_mem=cuda and hasattr(getattr(torch.ops, "symm_mem", None), "fused_all_gather_matmul"),
     )
+
+
+def fused_collective_matmul(tensor: torch.Tensor, group: dist.ProcessGroup) -> bool:
+    """Whether torch's fused collective matmuls (symmetric memory) serve `tensor` on `group`: a CUDA
+    tensor, an NCCL group, and symmetric memory enabled for it (tried once per group)."""
+    if not (features().symm_mem and tensor.is_cuda and dist.get_backend(group) == "nccl"):
+        return False
+    return _symmetric_memory_for(group.group_name)
+
+
+@functools.cache
+def _symmetric_memory_for(group_name: str) -> bool:
+    from torch.distributed import _symmetric_memory
+
+    try:
+        _symmetric_memory.enable_symm_mem_for_group(group_name)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tidal.comm.overlap import Overlap
 from tidal.config import Config
 from tidal.offload.activations import ActivationOffload, apply_activation_offload
 from tidal.offload.optimizer import OffloadedOptimizer, offload_optimizer
@@ -60,7 +61,8 @@ def parallelize(
 ) -> Parallelized:
     """Apply `config`'s parallel and offload settings to `model` and `optimizer` in place (see the module doc)."""
     topology = context.topology
-    tensor = apply_tensor_sharding(model, optimizer, topology, config) if config.parallel.tp > 1 else None
+    tp = config.parallel.tp > 1
+    tensor = apply_tensor_sharding(model, optimizer, topology, config, on_comm) if tp else None
     pipeline = apply_pipeline(model, optimizer, topology, config, tensor) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
     experts = apply_expert_parallel(model, topology, optimizer) if config.parallel.ep > 1 else None
@@ -81,15 +83,22 @@ def parallelize(
 
 
 def apply_tensor_sharding(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, topology: Topology, config: Config
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    topology: Topology,
+    config: Config,
+    on_comm: Callable[[str, int, dist.Work], object] | None = None,
 ) -> TensorParallelInfo:
-    """Tensor parallel over the tp group, with the optimizer pointed at the new (DTensor) parameters."""
+    """Tensor parallel over the tp group, with the optimizer pointed at the new (DTensor) parameters; its
+    collective matmuls as ``comm.overlap.tp`` says, reporting their collectives to `on_comm`."""
     names = {id(p): n for n, p in model.named_parameters()}
+    overlap = config.comm.overlap
     info = apply_tensor_parallel(
         model,
         topology,
         sequence_parallel=config.parallel.tensor.sequence_parallel,
         loss_parallel=config.parallel.tensor.loss_parallel,
+        overlap=Overlap(overlap.tp, overlap.chunks, observe=on_comm),
     )
     by_name = dict(model.named_parameters())
     for group in optimizer.param_groups:
