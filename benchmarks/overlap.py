@@ -45,6 +45,8 @@ from torch.distributed.tensor import DTensor, Shard
 from tidal.comm.overlap import Overlap, all_gather_matmul, matmul_reduce_scatter, reduce_scatter
 from tidal.parallel.tensor_plans import reduce_partial, replicated_local
 
+OPS = ("ag+mm", "mm+rs")
+OPS = ("ag+mm", "mm+rs")
 SHAPES = ((2048, 1024, 128), (2048, 1024, 512), (4096, 2048, 256))
 """(tokens, k, n): tokens in all (sharded over tp for ag+mm's input and mm+rs's output), per-rank n."""
 QUICK_SHAPES = ((1024, 512, 128),)
@@ -161,10 +163,10 @@ def _rank(rank: int, world: int, port: int, cases: list, rounds: int, chunks: in
         dist.destroy_process_group()
 
 
-def run(world: int, shapes, rounds: int, chunks: int) -> list[tuple]:
+def run(world: int, shapes, rounds: int, chunks: int, ops=OPS) -> list[tuple]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    cases = [(op, *shape) for shape in shapes for op in ("ag+mm", "mm+rs")]
+    cases = [(op, *shape) for shape in shapes for op in ops]
     mp.start_processes(
         _rank, args=(world, _free_port(), cases, rounds, chunks, results), nprocs=world, start_method="spawn"
     )
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tp=2, one small shape, 3 rounds, no MoE")
     parser.add_argument("--no-moe", action="store_true")
+    parser.add_argument("--ops", default=",".join(OPS), help="tensor-parallel ops, comma-separated")
     ns = parser.parse_args()
     worlds = [2] if ns.quick else [int(w) for w in ns.worlds.split(",")]
     shapes = QUICK_SHAPES if ns.quick else SHAPES
@@ -188,7 +191,7 @@ def main() -> None:
         f"{'bound':>6} {'cpu bnd':>7} {'plain ms':>9} {'overlap ms':>10} {'ratio':>6} {'auto':>5}"
     )
     for world in worlds:
-        for op, tp, tokens, k, n, med, auto in run(world, shapes, rounds, ns.chunks):
+        for op, tp, tokens, k, n, med, auto in run(world, shapes, rounds, ns.chunks, ns.ops.split(",")):
             comm, compute, comm_cpu = med["comm"], med["compute"], med["comm cpu"]
             bound = (comm + compute) / max(comm, compute)
             cpu_bound = (comm + compute) / max(comm, compute + min(comm_cpu, comm))

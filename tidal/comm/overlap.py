@@ -27,8 +27,8 @@ matmul_reduce_scatter: x ``[.., s, .., k]`` -> y ``[.., s_l, .., n]`` summed ove
     forward   per piece, the rows of every rank's piece ``[tp, s_p, .., n]`` multiply and their
               reduce-scatter is launched at once; the next piece multiplies while it travels.
     saves     x and B (as plain rowwise).
-    backward  ``dy [.., s_l, .., n]``: its pieces all-gathered (all launched at once); own rows, then
-              each piece as it arrives: ``dx`` rows ``= dy @ B^T``, ``dB += x_rows^T dy_rows``.
+    backward  ``dy [.., s_l, .., n]`` all-gathered in one piece (it is small beside x); the own rows'
+              ``dx = dy @ B^T`` and ``dB += x_rows^T dy`` run while it travels, then the other ranks'.
 matmul_all_reduce / replicated_matmul: the same without sequence sharding: pieces of the output
 (forward) or of the input gradient (backward) all-reduced while the next piece, or ``dB``, computes.
 
@@ -329,7 +329,9 @@ class _MatmulReduce(torch.autograd.Function):
         dx = grad.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
         db = b.new_zeros(b.shape) if ctx.needs_input_grad[1] else None
         grad = grad.contiguous()
-        for r, a, b_, rows in _GatheredRows(grad, ctx.group, ctx.chunks, "tp all-gather+matmul (grad)", ctx.observe):
+        # One gather, not pieces: dy is small beside x (n outputs against k inputs per row), and the own
+        # rows' two matmuls already cover its transfer; pieces would only add small matmuls.
+        for r, a, b_, rows in _GatheredRows(grad, ctx.group, 1, "tp all-gather+matmul (grad)", ctx.observe):
             if dx is not None:
                 _matmul_into(dx[r, a:b_], rows, b.t())
             if db is not None:

@@ -72,6 +72,8 @@ class StepRecord:
     """Time spent blocked waiting on those collectives, seconds."""
     comm_hidden_share: float | None
     """1 - exposed/total: the share of communication hidden behind compute, 0..1; None with no comm."""
+    comm_hidden_by_kind: Mapping[str, float]
+    """The same share per kind of collective (`comm_kind`: "tp", "moe", "dp"), for the kinds that ran."""
     grad_norm: float | None
     skipped: bool
     """The optimizer step was skipped (fp16 overflow)."""
@@ -245,7 +247,8 @@ class StepMetrics:
         """Close the step numbered `step` (1-based), keep its record in `history`, print it when due."""
         now = self._clock()
         step_time_s = (now - self._step_start_ns) / 1e9
-        comm_s, exposed_s = self._close_comm()
+        by_kind = self._close_comm()
+        comm_s, exposed_s = (sum(times[i] for times in by_kind.values()) for i in (0, 1))
         if self._skipped:
             self._skipped_total += 1
         record = StepRecord(
@@ -257,7 +260,8 @@ class StepMetrics:
             memory=self._memory(),
             comm_s=comm_s,
             comm_exposed_s=exposed_s,
-            comm_hidden_share=1 - min(exposed_s / comm_s, 1.0) if comm_s > 0 else None,
+            comm_hidden_share=_hidden(comm_s, exposed_s),
+            comm_hidden_by_kind={kind: _hidden(*times) for kind, times in by_kind.items() if times[0] > 0},
             grad_norm=self._grad_norm,
             skipped=self._skipped,
             skipped_total=self._skipped_total,
@@ -269,11 +273,11 @@ class StepMetrics:
         self._reset_step(now)
         return record
 
-    def _close_comm(self) -> tuple[float, float]:
-        """Take the finished collectives out of the pending list: (summed comm s, summed blocked s)."""
+    def _close_comm(self) -> dict[str, tuple[float, float]]:
+        """Take the finished collectives out of the pending list: kind -> (summed comm s, summed blocked s)."""
         with self._lock:
             records, self._pending_comm = self._pending_comm, []
-        total_ns = exposed_ns = 0
+        by_kind: dict[str, list[int]] = {}
         running = []
         for record in records:
             finished = record.finish()
@@ -281,14 +285,15 @@ class StepMetrics:
                 running.append(record)
                 continue
             done_ns, waits = finished
-            total_ns += max(0, done_ns - record.launched_ns)
-            exposed_ns += sum(end - start for start, end in waits)
+            times = by_kind.setdefault(comm_kind(record.name), [0, 0])
+            times[0] += max(0, done_ns - record.launched_ns)
+            times[1] += sum(end - start for start, end in waits)
             self._add_event(record.name, track_id("comm"), record.launched_ns, done_ns, {"bytes": record.nbytes})
             for start, end in waits:
                 self._add_event(f"wait {record.name}", track_id("compute"), start, end)
         with self._lock:
             self._pending_comm[:0] = running  # before any launched meanwhile, keeping launch order
-        return total_ns / 1e9, exposed_ns / 1e9
+        return {kind: (total / 1e9, exposed / 1e9) for kind, (total, exposed) in by_kind.items()}
 
     def _memory(self) -> dict[str, int]:
         tiers = {}
@@ -331,7 +336,9 @@ class StepMetrics:
             parts.append(" ".join(f"{_per_second(value)} {unit}" for value, unit in rates if value is not None))
         parts.append("mem " + ", ".join(f"{tier} {format_bytes(size)}" for tier, size in record.memory.items()))
         if record.comm_hidden_share is not None:
-            parts.append(f"comm hidden {record.comm_hidden_share:.0%}")
+            kinds = record.comm_hidden_by_kind
+            detail = f" ({', '.join(f'{k} {v:.0%}' for k, v in kinds.items())})" if len(kinds) > 1 else ""
+            parts.append(f"comm hidden {record.comm_hidden_share:.0%}{detail}")
         if record.grad_norm is not None:
             parts.append(f"grad norm {record.grad_norm:.3g}")
         if show_progress:
@@ -371,6 +378,17 @@ class StepMetrics:
         trace = chrome_trace(events, self.rank, self._max_trace_events, dropped)
         write_json_atomically(self.trace_path, trace)
         return self.trace_path
+
+
+def comm_kind(name: str) -> str:
+    """The kind of a collective by its record's name: "tp ..." and "moe ..." name their own, the rest is "dp"
+    (gradient buckets, ZeRO parameter gathers)."""
+    first = name.split(" ", 1)[0]
+    return first if first in ("tp", "moe") else "dp"
+
+
+def _hidden(comm_s: float, exposed_s: float) -> float | None:
+    return 1 - min(exposed_s / comm_s, 1.0) if comm_s > 0 else None
 
 
 def _rate(count: int | None, seconds: float) -> float | None:

@@ -52,6 +52,22 @@ def test_hidden_share_is_exact_with_a_driven_clock() -> None:
     assert record.comm_hidden_share == pytest.approx(1 - 0.1 / 0.7)
 
 
+def test_hidden_share_per_kind_of_collective() -> None:
+    clock = FakeClock()
+    metrics = make(clock)
+    metrics.begin_step()
+    tp = metrics.comm_launched("tp all-gather+matmul", 1024)
+    grads = metrics.comm_launched("all_reduce 0", 1024)
+    clock.advance(0.2)
+    grads.completed()
+    with tp.blocked():
+        clock.advance(0.2)  # tp: half of its 0.4 s exposed; the gradient bucket fully hidden
+    record = metrics.end_step(1)
+    assert record.comm_hidden_by_kind == pytest.approx({"tp": 0.5, "dp": 1.0})
+    assert record.comm_hidden_share == pytest.approx(1 - 0.2 / 0.6)
+    assert "comm hidden 67% (tp 50%, dp 100%)" in metrics._line(record)
+
+
 def test_hidden_share_with_threads_completing_and_a_blocked_wait() -> None:
     metrics = make()
     metrics.begin_step()
