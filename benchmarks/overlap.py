@@ -20,8 +20,10 @@ idle link. ``cpu ms`` is the process CPU time (all threads, gloo's included) the
 take: over loopback gloo moves every byte with the CPU, and with one core per rank that CPU cannot
 run beside the matmuls, so ``cpu bnd = (comm + compute) / max(comm, compute + cpu)`` is the most
 overlap can gain on this machine.
-``ratio = plain / overlapped`` (above 1: overlap is faster). ``auto`` is what `Overlap("auto")`
-decides for the op on its first call (a timed trial; off where overlap did not help).
+``ratio = plain / overlapped`` (above 1: overlap is faster). ``off`` is what tensor parallel runs
+with ``comm.overlap.tp: off`` (torch's DTensor collectives: gloo's own reduce-scatter, where plain
+uses tidal's all-to-all form of it), so ``off/ovl`` is the gain a user sees. ``auto`` is what
+`Overlap("auto")` decides on its first call: it times ``off`` against overlapped, forward and backward.
 
 Ranks outnumber the cores at tp=4 (4 ranks on 2 cores here), and gloo moves bytes with the CPU
 too, so the compute of one rank and the transfers compete for the same two cores: the bound is what
@@ -139,6 +141,18 @@ def _forms(op: str, tokens: int, k: int, n: int, chunks: int, group):
     return {"plain": plain, "overlapped": overlapped, "comm": comm, "compute": compute}, trial
 
 
+def _forward_backward(form, inputs):
+    """One forward + backward of `form(*inputs)` on leaf copies, as the auto trial runs it."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def run():
+        out = form(*leaves)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return run
+
+
 def _rank(rank: int, world: int, port: int, cases: list, rounds: int, chunks: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -147,6 +161,7 @@ def _rank(rank: int, world: int, port: int, cases: list, rounds: int, chunks: in
     try:
         for op, tokens, k, n in cases:
             forms, (trial_plain, trial_overlapped, trial_inputs) = _forms(op, tokens, k, n, chunks, group)
+            forms["dtensor"] = _forward_backward(trial_plain, trial_inputs)
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in forms}
             order = list(forms)
             for i in range(rounds + 1):  # round 0 warms up
@@ -188,7 +203,8 @@ def main() -> None:
     print(f"# load average before: {os.getloadavg()[0]:.2f}; chunks={ns.chunks}, {rounds} rounds, median")
     print(
         f"{'op':7} {'tp':>2} {'tokens':>6} {'k':>5} {'n':>5} {'comm ms':>8} {'cpu ms':>7} {'compute ms':>10} "
-        f"{'bound':>6} {'cpu bnd':>7} {'plain ms':>9} {'overlap ms':>10} {'ratio':>6} {'auto':>5}"
+        f"{'bound':>6} {'cpu bnd':>7} {'plain ms':>9} {'overlap ms':>10} {'ratio':>6} {'off ms':>7} {'off/ovl':>7} "
+        f"{'auto':>5}"
     )
     for world in worlds:
         for op, tp, tokens, k, n, med, auto in run(world, shapes, rounds, ns.chunks, ns.ops.split(",")):
@@ -199,7 +215,8 @@ def main() -> None:
             print(
                 f"{op:7} {tp:>2} {tokens:>6} {k:>5} {n:>5} {comm * 1e3:>8.1f} {comm_cpu * 1e3:>7.1f} "
                 f"{compute * 1e3:>10.1f} {bound:>6.2f} {cpu_bound:>7.2f} {med['plain'] * 1e3:>9.1f} "
-                f"{med['overlapped'] * 1e3:>10.1f} {ratio:>6.2f} {'on' if auto else 'off':>5}"
+                f"{med['overlapped'] * 1e3:>10.1f} {ratio:>6.2f} {med['dtensor'] * 1e3:>7.1f} "
+                f"{med['dtensor'] / med['overlapped']:>7.2f} {'on' if auto else 'off':>5}"
             )
     if ns.quick or ns.no_moe:
         return

@@ -53,7 +53,7 @@ from tidal.runtime.device import fused_collective_matmul
 MODES = ("auto", "on", "off")
 AUTO_MIN_GAIN = 0.05
 """auto turns overlap on for a shape only when its trial ran at least this much faster than plain, fraction."""
-AUTO_TRIALS = 3
+AUTO_TRIALS = 5
 """Timed runs of each form (plain, overlapped) in an auto trial; the fastest of each counts, count."""
 
 
