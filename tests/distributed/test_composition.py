@@ -76,6 +76,20 @@ SCENARIOS = {
         {"parallel": {"tp": 2, "pp": 2, "pipeline": {"schedule": "1f1b"}}, "train": {"gradient_clipping": CLIP}},
     ),
     "ep2-mixtral": (2, {"parallel": {"ep": 2}}),
+    # tp x ep: the MoE blocks left to expert parallel; collective matmuls off and on
+    "tp2xep2-mixtral-clip": (
+        4,
+        {"parallel": {"tp": 2, "ep": 2}, "comm": {"overlap": {"tp": "off"}}, "train": {"gradient_clipping": CLIP}},
+    ),
+    "tp2xep2-overlap-on-mixtral-clip": (
+        4,
+        {
+            "parallel": {"tp": 2, "ep": 2},
+            "comm": {"overlap": {"tp": "on", "moe": "on"}},
+            "train": {"gradient_clipping": CLIP},
+        },
+    ),
+    "tp2xep2-mixtral-zero1-resume": (4, {"parallel": {"tp": 2, "ep": 2}, "zero": {"stage": 1}}),
     "ep2xedp2-mixtral-clip": (4, {"parallel": {"ep": 2}, "train": {"gradient_clipping": CLIP}}),
     "ep2xedp2-mixtral-zero1": (4, {"parallel": {"ep": 2}, "zero": {"stage": 1}}),
     "ep2xedp2-mixtral-zero1-resume": (4, {"parallel": {"ep": 2}, "zero": {"stage": 1}}),

@@ -83,6 +83,13 @@ def plan_for(model: nn.Module) -> dict[str, str]:
     return dict(PLANS[model_type])
 
 
+def moe_left_to_experts(model: nn.Module) -> dict[str, str]:
+    """The built-in plan without its MoE styles, for tp x ep: expert parallel holds whole experts per rank,
+    every rank of a tp group routes the same (replicated) tokens over its own ep group, and the router and
+    experts are replicated over tp with equal gradients, like any parameter the plan leaves alone."""
+    return {pattern: style for pattern, style in plan_for(model).items() if style not in ("moe", "experts")}
+
+
 def _divisors(n: int) -> str:
     return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
 

@@ -427,8 +427,13 @@ class CommWatch:
 
 def _check_supported(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     p = config.parallel
-    if p.ep > 1 and (p.tp > 1 or p.pp > 1):
-        raise NotImplementedError(f"parallel.ep={p.ep} runs with tp=pp=1 so far; got tp={p.tp}, pp={p.pp}")
+    if p.ep > 1 and p.pp > 1:
+        raise NotImplementedError(f"parallel.ep={p.ep} runs with pp=1 so far; got pp={p.pp}")
+    if p.ep > 1 and p.tp > 1 and p.tensor.sequence_parallel:
+        raise NotImplementedError(
+            f"parallel.ep={p.ep} with tp={p.tp} runs without sequence parallel so far; set "
+            "parallel.tensor.sequence_parallel=false"
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"tidal.wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if hasattr(model, ENGINE_ATTR):

@@ -34,7 +34,12 @@ from tidal.parallel.sequence import (
     shard_batch_for_sequence_parallel,
 )
 from tidal.parallel.shards import local
-from tidal.parallel.tensor import TensorParallelInfo, VocabParallelCausalLMLoss, apply_tensor_parallel
+from tidal.parallel.tensor import (
+    TensorParallelInfo,
+    VocabParallelCausalLMLoss,
+    apply_tensor_parallel,
+    moe_left_to_experts,
+)
 from tidal.parallel.topology import Topology
 from tidal.runtime.context import Context
 
@@ -96,6 +101,7 @@ def apply_tensor_sharding(
     info = apply_tensor_parallel(
         model,
         topology,
+        plan=moe_left_to_experts(model) if config.parallel.ep > 1 else None,
         sequence_parallel=config.parallel.tensor.sequence_parallel,
         loss_parallel=config.parallel.tensor.loss_parallel,
         overlap=Overlap(overlap.tp, overlap.chunks, observe=on_comm),
