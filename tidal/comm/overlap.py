@@ -381,7 +381,7 @@ def all_gather_matmul(
     shard, bs = _autocast_inputs(shard, bs)
     with _no_autocast(shard):
         if fused_collective_matmul(shard, group):
-            return _FusedGatherMatmul.apply(shard, group, dim, *bs)
+            return list(_FusedGatherMatmul.apply(shard.contiguous(), group, dim, *bs))
         outs = _GatherMatmul.apply(_rows_first(shard, dim), group, True, chunks, observe, *bs)
     return [_rows_back(y, dim) for y in outs]
 
