@@ -45,10 +45,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from tidal.comm.overlap import Overlap, all_gather_matmul, matmul_reduce_scatter, reduce_scatter
+from tidal.parallel.expert import MoELayer
 from tidal.parallel.tensor_plans import reduce_partial, replicated_local
 
 OPS = ("ag+mm", "mm+rs")
 OPS = ("ag+mm", "mm+rs")
+MOE_SHAPES = ((2048, 1024, 64), (4096, 1024, 128))
+"""(tokens per rank, hidden, expert ffn) for the MoE layer."""
 SHAPES = ((2048, 1024, 128), (2048, 1024, 512), (4096, 2048, 256))
 """(tokens, k, n): tokens in all (sharded over tp for ag+mm's input and mm+rs's output), per-rank n."""
 QUICK_SHAPES = ((1024, 512, 128),)
@@ -109,6 +112,8 @@ def _forms(op: str, tokens: int, k: int, n: int, chunks: int, group):
             return [replicated_local(DTensor.from_local(x, mesh, [Shard(0)]), mesh) @ b]
 
         trial = (plain_op, lambda x, b: all_gather_matmul(x, [b], group, chunks=chunks), (shard, b))
+    elif op == "moe":
+        return _moe_forms(tokens, k, n, chunks, group, gen)
     else:
         x = torch.randn(tokens, k, generator=gen)
         b = torch.randn(k, n, generator=gen) / k**0.5
@@ -141,6 +146,44 @@ def _forms(op: str, tokens: int, k: int, n: int, chunks: int, group):
     return {"plain": plain, "overlapped": overlapped, "comm": comm, "compute": compute}, trial
 
 
+def _moe_forms(tokens: int, hidden: int, ffn: int, chunks: int, group, gen):
+    """A MoE layer of 2 experts per rank, top-2, `tokens` per rank: one-piece against chunked exchange."""
+    tp = group.size()
+    torch.manual_seed(0)
+    layer = MoELayer(hidden, ffn, 2 * tp, 2, group=group)
+    x = torch.randn(tokens, hidden, generator=gen)
+    g = torch.randn(tokens, hidden, generator=gen)
+    rows = torch.randn(2 * tokens, hidden, generator=gen)  # what one rank sends: tokens x top-2
+    received = torch.empty_like(rows)
+    per_expert = [rows.shape[0] // 2, rows.shape[0] - rows.shape[0] // 2]
+
+    def step(overlap):
+        def run():
+            layer.overlap = overlap
+            layer(x).backward(g)
+            layer.zero_grad(set_to_none=True)
+
+        return run
+
+    def comm():  # dispatch and combine, forward and backward: four exchanges of the rows, even splits
+        for _ in range(4):
+            dist.all_to_all_single(received, rows, group=group)
+
+    def compute():
+        leaf = rows.detach().requires_grad_()
+        layer.experts(leaf, per_expert).backward(rows)
+
+    def auto() -> bool:
+        layer.overlap = Overlap("auto", chunks)
+        layer(x).backward(g)
+        layer.zero_grad(set_to_none=True)
+        return bool(next(iter(layer.overlap.decisions.values())))
+
+    forms = {"plain": step(None), "overlapped": step(Overlap("on", chunks)), "comm": comm, "compute": compute}
+    forms["dtensor"] = forms["plain"]  # overlap off runs the one-piece exchange
+    return forms, auto
+
+
 def _forward_backward(form, inputs):
     """One forward + backward of `form(*inputs)` on leaf copies, as the auto trial runs it."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -160,16 +203,20 @@ def _rank(rank: int, world: int, port: int, cases: list, rounds: int, chunks: in
     group = dist.group.WORLD
     try:
         for op, tokens, k, n in cases:
-            forms, (trial_plain, trial_overlapped, trial_inputs) = _forms(op, tokens, k, n, chunks, group)
-            forms["dtensor"] = _forward_backward(trial_plain, trial_inputs)
+            forms, trial = _forms(op, tokens, k, n, chunks, group)
+            if "dtensor" not in forms:
+                forms["dtensor"] = _forward_backward(trial[0], trial[2])
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in forms}
             order = list(forms)
             for i in range(rounds + 1):  # round 0 warms up
                 for name in order if i % 2 else reversed(order):
                     out = [] if i == 0 else times[name]
                     _timed(forms[name], out, group)
-            overlap = Overlap("auto", chunks)
-            auto = overlap.choose((op,), group, trial_plain, trial_overlapped, trial_inputs) is trial_overlapped
+            if callable(trial):
+                auto = trial()
+            else:
+                plain_op, overlapped_op, inputs = trial
+                auto = Overlap("auto", chunks).choose((op,), group, plain_op, overlapped_op, inputs) is overlapped_op
             if rank == 0:
                 med = {name: statistics.median(wall for wall, _ in v) for name, v in times.items()}
                 med["comm cpu"] = statistics.median(cpu for _, cpu in times["comm"])
@@ -188,6 +235,19 @@ def run(world: int, shapes, rounds: int, chunks: int, ops=OPS) -> list[tuple]:
     return [results.get() for _ in cases]
 
 
+def _print(op: str, tp: int, tokens: int, k: int, n: int, med: dict, auto: bool) -> None:
+    comm, compute, comm_cpu = med["comm"], med["compute"], med["comm cpu"]
+    bound = (comm + compute) / max(comm, compute)
+    cpu_bound = (comm + compute) / max(comm, compute + min(comm_cpu, comm))
+    ratio = med["plain"] / med["overlapped"]
+    print(
+        f"{op:7} {tp:>2} {tokens:>6} {k:>5} {n:>5} {comm * 1e3:>8.1f} {comm_cpu * 1e3:>7.1f} "
+        f"{compute * 1e3:>10.1f} {bound:>6.2f} {cpu_bound:>7.2f} {med['plain'] * 1e3:>9.1f} "
+        f"{med['overlapped'] * 1e3:>10.1f} {ratio:>6.2f} {med['dtensor'] * 1e3:>7.1f} "
+        f"{med['dtensor'] / med['overlapped']:>7.2f} {'on' if auto else 'off':>5}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", default="2,4", help="tp sizes, comma-separated")
@@ -195,7 +255,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tp=2, one small shape, 3 rounds, no MoE")
     parser.add_argument("--no-moe", action="store_true")
-    parser.add_argument("--ops", default=",".join(OPS), help="tensor-parallel ops, comma-separated")
+    parser.add_argument("--ops", default=",".join(OPS), help="tensor-parallel ops, comma-separated ('' for none)")
     ns = parser.parse_args()
     worlds = [2] if ns.quick else [int(w) for w in ns.worlds.split(",")]
     shapes = QUICK_SHAPES if ns.quick else SHAPES
@@ -207,26 +267,13 @@ def main() -> None:
         f"{'auto':>5}"
     )
     for world in worlds:
-        for op, tp, tokens, k, n, med, auto in run(world, shapes, rounds, ns.chunks, ns.ops.split(",")):
-            comm, compute, comm_cpu = med["comm"], med["compute"], med["comm cpu"]
-            bound = (comm + compute) / max(comm, compute)
-            cpu_bound = (comm + compute) / max(comm, compute + min(comm_cpu, comm))
-            ratio = med["plain"] / med["overlapped"]
-            print(
-                f"{op:7} {tp:>2} {tokens:>6} {k:>5} {n:>5} {comm * 1e3:>8.1f} {comm_cpu * 1e3:>7.1f} "
-                f"{compute * 1e3:>10.1f} {bound:>6.2f} {cpu_bound:>7.2f} {med['plain'] * 1e3:>9.1f} "
-                f"{med['overlapped'] * 1e3:>10.1f} {ratio:>6.2f} {med['dtensor'] * 1e3:>7.1f} "
-                f"{med['dtensor'] / med['overlapped']:>7.2f} {'on' if auto else 'off':>5}"
-            )
-    if ns.quick or ns.no_moe:
-        return
-    try:
-        from overlap_moe import bench_moe
-    except ImportError:
-        print("# moe: benchmarks/overlap_moe.py not found; skipped")
-        return
-    for world in worlds:
-        print(f"# moe tp={world}: {bench_moe(world=world)}")
+        for row in run(world, shapes, rounds, ns.chunks, [op for op in ns.ops.split(",") if op in OPS]):
+            _print(*row)
+    if not ns.quick and not ns.no_moe:
+        print("\nmoe: tokens per rank, hidden k, expert ffn n; 2 experts per rank, top-2; off = plain")
+        for world in worlds:
+            for row in run(world, MOE_SHAPES, rounds, ns.chunks, ("moe",)):
+                _print(*row)
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -180,6 +180,8 @@ def _train(name: str, config: dict):
     model, opt, engine = _wrapped(name, config)
     if "overlap-on" in name:
         assert any(getattr(m, "_tidal_overlap_colwise", False) for m in model.modules()), "no collective matmul"
+        moe = [m for m in model.modules() if hasattr(m, "_exchange_chunked")]
+        assert all(m.overlap.mode == "on" for m in moe), "an MoE layer without its overlap setting"
     dp, dp_rank = ctx.topology.size("dp"), ctx.topology.rank("dp")
     losses = []
     for step, ids in enumerate(batches(STEPS, GLOBAL_BATCH)):

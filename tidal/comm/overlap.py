@@ -112,7 +112,9 @@ class Overlap:
                 with torch.enable_grad():  # the first call may come from a no-grad forward (evaluation)
                     out = form(*leaves)
                     outs = list(out) if isinstance(out, (list, tuple)) else [out]
-                    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                    grads = [torch.ones_like(o) for o in outs]
+                    # into the copies only: a form's parameters (experts, say) must not collect gradients
+                    torch.autograd.backward(outs, grads, inputs=[leaf for leaf in leaves if leaf.requires_grad])
                 best[i] = min(best[i], time.perf_counter() - start)
         times = torch.tensor(best, dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)

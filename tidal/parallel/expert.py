@@ -48,6 +48,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.comm.overlap import Overlap
 from tidal.parallel.topology import Topology
 
 MIXTRAL_BLOCKS = ("MixtralSparseMoeBlock",)
@@ -153,6 +154,8 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.dropped = 0
         self.assignments = 0
+        self.overlap: Overlap | None = None
+        """Set by `apply_expert_parallel`: whether the exchange runs in pieces overlapping the experts."""
 
     def extra_repr(self) -> str:
         return (
@@ -201,6 +204,60 @@ class MoELayer(nn.Module):
         """Rows (N, H) sorted by global expert, counts (E,) -> expert outputs (N, H) in the same order."""
         if self.group is None:
             return self.experts(rows, counts.tolist())
+        overlap = self.overlap
+        if overlap is None or overlap.mode == "off":
+            return self._exchange(rows, counts)
+        # The key leaves out the row count: it differs between ranks and steps, the decision must not.
+        key = ("moe", self.hidden, self.ffn_hidden, self.local_experts, rows.dtype)
+        return overlap.choose(key, self.group, self._exchange, self._exchange_chunked, [rows, counts])(rows, counts)
+
+    def _exchange_chunked(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`_exchange` in ``overlap.chunks`` pieces whose all-to-alls overlap the experts (see the module doc)."""
+        chunks, ep, local = self.overlap.chunks, self.ep, self.local_experts
+        # piece j holds rows [start_e + cut[j, e], start_e + cut[j + 1, e]) of every expert e
+        cut = torch.stack([counts * j // chunks for j in range(chunks + 1)])  # (chunks + 1, E)
+        part = cut.diff(dim=0)  # (chunks, E)
+        start = counts.cumsum(0) - counts
+        sent = part.view(chunks, ep, local).transpose(0, 1).contiguous()  # (ep, chunks, El) by destination
+        received = torch.empty_like(sent)
+        dist.all_to_all_single(received, sent, group=self.group)  # every piece's counts in one exchange
+        # one gather into piece order (rows of piece 0, then piece 1, ...), contiguous pieces after it
+        order = torch.cat([self._piece_rows(start + cut[j], part[j]) for j in range(chunks)])
+        sizes = part.sum(1).tolist()
+        pieces = []
+        for j, piece_rows in enumerate(rows[order].split(sizes)):
+            send_splits = part[j].view(ep, local).sum(1).tolist()
+            receive_splits = received[:, j].sum(1).tolist()
+            travelling = funcol.all_to_all_single_autograd(piece_rows, receive_splits, send_splits, self.group)
+            pieces.append((send_splits, receive_splits, received[:, j], travelling))
+        outs = []
+        for send_splits, receive_splits, piece_counts, travelling in pieces:
+            out = self._local_experts(funcol.wait_tensor(travelling), piece_counts)
+            outs.append(funcol.all_to_all_single_autograd(out, send_splits, receive_splits, self.group))
+        done = torch.cat([funcol.wait_tensor(out) for out in outs])
+        return torch.empty_like(done).index_copy(0, order, done)
+
+    @staticmethod
+    def _piece_rows(first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Row indices ``first[e], first[e] + 1, .., first[e] + counts[e] - 1`` for every expert e, in order."""
+        total = int(counts.sum())
+        offsets = counts.cumsum(0) - counts
+        return (
+            first.repeat_interleave(counts)
+            + torch.arange(total, device=counts.device)
+            - offsets.repeat_interleave(counts)
+        )
+
+    def _local_experts(self, received: torch.Tensor, received_counts: torch.Tensor) -> torch.Tensor:
+        """Rows received from every source rank (in source, then local-expert order; `received_counts` (ep, El))
+        through this rank's experts -> outputs in the same order."""
+        local_expert = torch.arange(self.local_experts, device=received.device).repeat(self.ep)
+        by_expert = torch.argsort(local_expert.repeat_interleave(received_counts.reshape(-1)), stable=True)
+        out = self.experts(received[by_expert], received_counts.sum(0).tolist())
+        return torch.empty_like(out).index_copy(0, by_expert, out)  # back to (source rank, expert) order
+
+    def _exchange(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Dispatch, experts, combine in one piece each (the plain form)."""
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
         # received_counts[s, j]: rows that source rank s sends to this rank's local expert j
@@ -208,10 +265,7 @@ class MoELayer(nn.Module):
         send_splits = counts.view(self.ep, self.local_experts).sum(1).tolist()
         receive_splits = received_counts.sum(1).tolist()
         received = funcol.all_to_all_single_autograd(rows, receive_splits, send_splits, self.group)
-        local_expert = torch.arange(self.local_experts, device=rows.device).repeat(self.ep)
-        by_expert = torch.argsort(local_expert.repeat_interleave(received_counts.reshape(-1)), stable=True)
-        out = self.experts(funcol.wait_tensor(received)[by_expert], received_counts.sum(0).tolist())
-        out = torch.empty_like(out).index_copy(0, by_expert, out)  # back to (source rank, expert) order
+        out = self._local_experts(funcol.wait_tensor(received), received_counts)
         return funcol.wait_tensor(funcol.all_to_all_single_autograd(out, send_splits, receive_splits, self.group))
 
 
@@ -300,13 +354,17 @@ def convert_mixtral_moe(
 
 
 def apply_expert_parallel(
-    model: nn.Module, topology: Topology | None, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    topology: Topology | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    overlap: Overlap | None = None,
 ) -> list[MoELayer]:
     """Shard the model's experts over ``topology.group("ep")``; returns its `MoELayer`s, outermost first.
 
     Mixtral sparse-MoE blocks are converted (`convert_mixtral_moe`), and `MoELayer`s built with every
     expert (group None) keep only this rank's. Every rank must hold the same full weights beforehand.
     An `optimizer` not yet stepped gets the new expert parameters in the replaced ones' param groups.
+    `overlap` (``comm.overlap.moe`` and ``chunks``) decides whether each layer's exchange runs in pieces.
     """
     convert_mixtral_moe(model, topology, optimizer)
     group = _ep_group(topology)
@@ -320,4 +378,7 @@ def apply_expert_parallel(
         _replace(model, name, sharded)
     if optimizer is not None:
         _repoint(optimizer, replaced)
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.overlap = overlap
+    return layers

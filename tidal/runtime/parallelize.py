@@ -70,7 +70,9 @@ def parallelize(
     tensor = apply_tensor_sharding(model, optimizer, topology, config, on_comm) if tp else None
     pipeline = apply_pipeline(model, optimizer, topology, config, tensor) if config.parallel.pp > 1 else None
     sequence = apply_sequence_sharding(model, topology, config) if config.parallel.sp > 1 else None
-    experts = apply_expert_parallel(model, topology, optimizer) if config.parallel.ep > 1 else None
+    overlap = config.comm.overlap
+    moe_overlap = Overlap(overlap.moe, overlap.chunks, observe=on_comm)
+    experts = apply_expert_parallel(model, topology, optimizer, moe_overlap) if config.parallel.ep > 1 else None
     held, stages = (None, None) if pipeline is None else ([p for _, p in pipeline.named_parameters], pipeline.stages)
     dp = apply_data_parallel(
         model, optimizer, topology, config, context.device, on_comm=on_comm, params=held, stages=stages
