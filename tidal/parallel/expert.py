@@ -17,6 +17,17 @@ One `MoELayer` forward on T local tokens of width H, E experts, top-k, ep ranks 
 5. combine: the reverse all-to-all (splits swapped) brings the outputs back in the dispatch order; each
    is scaled by its router weight and summed into its token's row.
 
+In pieces (``overlap``, config ``comm.overlap.moe``: on, or auto by a timed trial): each expert's N_e
+rows are cut into `chunks` near-equal runs, piece j taking run j of every expert (rows stay sorted by
+expert within a piece). The per-expert counts of every piece, (ep, chunks, El), cross in one
+all-to-all; the rows are gathered once into piece order and split into contiguous pieces; every
+piece's dispatch all-to-all is launched at once; piece j's experts run once its rows arrived, while
+later pieces still travel, and its combine all-to-all travels while piece j+1 computes; one
+index_copy puts the outputs back in the dispatch order. Backward runs the pieces' all-to-alls in
+reverse, each waited where autograd reaches it (torch's functional collectives wait in their
+backward): the overlap is the forward's. Capacity is decided before the cut, so pieces drop nothing
+the one-piece exchange keeps.
+
 Both row all-to-alls are torch's differentiable functional collective, so backward runs them in reverse
 on every rank in the same order. A rank that routes no tokens, or whose experts receive none, still takes
 part with empty tensors, and every local expert runs (on zero rows if need be), so each expert parameter
