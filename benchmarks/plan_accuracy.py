@@ -81,8 +81,17 @@ def build(arch: str) -> tuple[nn.Module, object]:
         )
         return tf.BertForMaskedLM(config), {"input_ids": ids, "labels": ids}
     if arch == "t5":
-        config = tf.T5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4)
-        return tf.T5ForConditionalGeneration(config), {"input_ids": ids, "labels": ids[:, : SEQ // 2]}
+        config = tf.T5Config(
+            vocab_size=VOCAB,
+            d_model=128,
+            d_kv=32,
+            d_ff=256,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        return tf.T5ForConditionalGeneration(config), {"input_ids": ids, "labels": ids[:, : SEQ // 2].contiguous()}
     if arch == "vit":
         config = tf.ViTConfig(
             image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -81,6 +81,9 @@ class Buffer:
     """Kept from the first step on (True), or alive only inside forward, backward or the step (False)."""
     exact: bool = True
     """The runtime allocates exactly this (True), or at most this (False: lazily, or sized at run time)."""
+    phase: str = "train"
+    """When a transient buffer lives: "train" (forward and backward, beside the activations) or "step" (the
+    optimizer step, after backward freed the activations)."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,16 @@ class RankEstimate:
     activations: TierBytes
     buffer_list: tuple[Buffer, ...] = ()
 
-    def buffers(self, persistent: bool | None = None) -> TierBytes:
-        """Bytes of the buffers per tier: all, or only the persistent (True) / transient (False) ones."""
+    def buffers(self, persistent: bool | None = None, phase: str | None = None) -> TierBytes:
+        """Bytes of the buffers per tier: all, or only the persistent (True) / transient (False) ones, or
+        only the transient ones of one `phase`."""
         total = TierBytes()
         for b in self.buffer_list:
-            if persistent is None or b.persistent == persistent:
-                total += TierBytes.on(b.tier, b.nbytes)
+            if persistent is not None and b.persistent != persistent:
+                continue
+            if phase is not None and (b.persistent or b.phase != phase):
+                continue
+            total += TierBytes.on(b.tier, b.nbytes)
         return total
 
     def category(self, name: str) -> TierBytes:
@@ -130,8 +137,11 @@ class RankEstimate:
         return (self.model_states() + self.buffers(persistent=True))[tier]
 
     def peak(self, tier: str) -> int:
-        """Predicted peak: `steady` plus activations plus every transient buffer (an upper bound)."""
-        return self.steady(tier) + (self.activations + self.buffers(persistent=False))[tier]
+        """Predicted peak: `steady` plus the larger of forward/backward (activations and the transient
+        buffers living beside them, all counted as alive at once: an upper bound) and the optimizer step's
+        transient buffers (the activations are gone by then)."""
+        train = (self.activations + self.buffers(phase="train"))[tier]
+        return self.steady(tier) + max(train, self.buffers(phase="step")[tier])
 
 
 @dataclass(frozen=True)
@@ -446,7 +456,7 @@ def _bucket_buffers(job: _Job, trained: list[_Param], world: int, me: int) -> li
         for chunk in _chunks(shards, bucket_bytes):
             _, segment = lay_out_segments(chunk, world)
             gathered += segment * (world + 1) * chunk[0].element_size()
-        out.append(Buffer("ZeRO parameter all-gather after the step", "device", gathered, False))
+        out.append(Buffer("ZeRO parameter all-gather after the step", "device", gathered, False, phase="step"))
     return out
 
 
@@ -553,7 +563,8 @@ def estimate(
             RankEstimate(rank, grid.coords(rank), *(same.category(n) for n in CATEGORIES[:5]), same.buffer_list)
         )
     notes = [
-        "transient buffers are added as if all alive at once (an upper bound on their share of the peak)",
+        "transient buffers of forward/backward are added as if all alive at once, beside the activations (an "
+        "upper bound on their share of the peak); the step's are counted apart, after the activations are freed",
         "NVMe bounce buffers are allocated only for unaligned transfers: an upper bound",
     ]
     if activations is None:
