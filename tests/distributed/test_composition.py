@@ -41,6 +41,13 @@ SCENARIOS = {
         2,
         {"parallel": {"tp": 2, "tensor": {"sequence_parallel": True}}, "comm": {"overlap": {"tp": "on"}}},
     ),
+    "tp2-seqpar-recompute": (  # auto's first trial runs inside a checkpointed block
+        2,
+        {
+            "parallel": {"tp": 2, "tensor": {"sequence_parallel": True}},
+            "offload": {"activations": {"policy": {"model.layers.*": "recompute"}}},
+        },
+    ),
     "tp2-seqpar-overlap-on-clip-gpt2": (
         2,
         {

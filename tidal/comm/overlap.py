@@ -109,7 +109,9 @@ class Overlap:
             for i, form in enumerate((plain, overlapped)):
                 leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
                 start = time.perf_counter()
-                with torch.enable_grad():  # the first call may come from a no-grad forward (evaluation)
+                # grad on (the first call may come from a no-grad forward), and saved tensors kept as they are:
+                # an enclosing checkpoint or offload's saved-tensor hooks must not see the trial's graph
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
                     out = form(*leaves)
                     outs = list(out) if isinstance(out, (list, tuple)) else [out]
                     grads = [torch.ones_like(o) for o in outs]
@@ -119,6 +121,10 @@ class Overlap:
         times = torch.tensor(best, dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
         return bool(times[1] < (1 - AUTO_MIN_GAIN) * times[0])
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class _Launched:

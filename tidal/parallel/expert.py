@@ -26,7 +26,7 @@ later pieces still travel, and its combine all-to-all travels while piece j+1 co
 index_copy puts the outputs back in the dispatch order. Backward runs the pieces' all-to-alls in
 reverse, each waited where autograd reaches it (torch's functional collectives wait in their
 backward): the overlap is the forward's. Capacity is decided before the cut, so pieces drop nothing
-the one-piece exchange keeps.
+the one-piece exchange keeps. Experts sharded by ZeRO 3 (FSDP2) always exchange in one piece.
 
 Both row all-to-alls are torch's differentiable functional collective, so backward runs them in reverse
 on every rank in the same order. A rank that routes no tokens, or whose experts receive none, still takes
@@ -58,6 +58,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from tidal.comm.overlap import Overlap
 from tidal.parallel.topology import Topology
@@ -216,7 +217,9 @@ class MoELayer(nn.Module):
         if self.group is None:
             return self.experts(rows, counts.tolist())
         overlap = self.overlap
-        if overlap is None or overlap.mode == "off":
+        # Experts sharded by FSDP2 (ZeRO 3) gather their weights per call and hook their backward: pieces
+        # would gather them once per piece, and an auto trial's backward would leave FSDP's state half-done.
+        if overlap is None or overlap.mode == "off" or isinstance(self.experts, FSDPModule):
             return self._exchange(rows, counts)
         # The key leaves out the row count: it differs between ranks and steps, the decision must not.
         key = ("moe", self.hidden, self.ffn_hidden, self.local_experts, rows.dtype)
