@@ -17,22 +17,34 @@ One `MoELayer` forward on T local tokens of width H, E experts, top-k, ep ranks 
 5. combine: the reverse all-to-all (splits swapped) brings the outputs back in the dispatch order; each
    is scaled by its router weight and summed into its token's row.
 
-In pieces (``overlap``, config ``comm.overlap.moe``: on, or auto by a timed trial): each expert's N_e
-rows are cut into `chunks` near-equal runs, piece j taking run j of every expert (rows stay sorted by
-expert within a piece). The per-expert counts of every piece, (ep, chunks, El), cross in one
-all-to-all; the rows are gathered once into piece order and split into contiguous pieces; every
-piece's dispatch all-to-all is launched at once; piece j's experts run once its rows arrived, while
-later pieces still travel, and its combine all-to-all travels while piece j+1 computes; one
-index_copy puts the outputs back in the dispatch order. Backward runs the pieces' all-to-alls in
-reverse, each waited where autograd reaches it (torch's functional collectives wait in their
-backward): the overlap is the forward's. Capacity is decided before the cut, so pieces drop nothing
-the one-piece exchange keeps. Experts sharded by ZeRO 3 (FSDP2) always exchange in one piece.
+In pieces (``overlap``, config ``comm.overlap.moe``: on, or auto by a timed trial; every step is in
+`tidal.parallel.expert_exchange`), C = ``overlap.chunks``:
 
-Both row all-to-alls are torch's differentiable functional collective, so backward runs them in reverse
-on every rank in the same order. A rank that routes no tokens, or whose experts receive none, still takes
-part with empty tensors, and every local expert runs (on zero rows if need be), so each expert parameter
-gets a gradient tensor (zeros, never None) and a gradient reduction over ``edp`` never waits on a rank
-that skipped it.
+a. cut: each expert's N_e rows into C near-equal runs, ``[N_e * j // C, N_e * (j + 1) // C)``; piece j
+   takes run j of every expert (rows stay sorted by expert within a piece; capacity, decided before
+   the cut, keeps the same assignments whatever C). The counts of every piece, (ep, C, El), cross in
+   ONE all-to-all; the tokens are gathered straight into piece order, n_j rows (n_j, H) per piece.
+b. forward: every piece's dispatch all-to-all (n_j, H) -> (m_j, H) is launched at once; piece j's
+   experts run on its rows as they came, (source rank, local expert) blocks, once they arrived and while
+   later pieces still travel; its combine (m_j, H) -> (n_j, H) travels while piece j + 1 computes.
+c. backward, the same in reverse: every piece's combine-gradient all-to-all launched at once; piece j's
+   experts' backward (dx_j (m_j, H); dW summed over pieces) once it arrived; its dispatch-gradient
+   (m_j, H) -> (n_j, H) travels while piece j + 1's backward computes.
+d. the outputs (N, H), in piece order, are weighted and summed into their tokens as in step 5.
+
+Not hidden: the counts exchange (the host must know them), the first piece's dispatch and the last
+piece's combine (and in backward the first combine-gradient and the last dispatch-gradient), the router,
+the gathers and the weighted sum; and the exchange overlaps its own experts only, not other layers'
+compute (autograd's thread waits inside it). With ``overlap`` set but one piece chosen (``off``, or auto
+deciding against pieces) the same code runs with C = 1; either way every collective is reported to
+``overlap.observe``. Experts sharded by ZeRO 3 (FSDP2) always take the plain path below.
+
+Without ``overlap`` (None) the row all-to-alls are torch's differentiable functional collectives, so
+backward runs them in reverse, each waited where autograd reaches it: nothing overlaps. Every path: all
+ranks issue the same collectives in the same order; a rank that routes no tokens, or whose experts
+receive none, still takes part with empty tensors, and every local expert runs (on zero rows if need
+be), so each expert parameter gets a gradient tensor (zeros, never None) and a gradient reduction over
+``edp`` never waits on a rank that skipped it.
 
 Gradient reduction (the engine's job): a non-expert gradient is averaged over ``dp_sp`` as in plain data
 parallel. An expert gradient already sums the contributions of all ep ranks' tokens (backward's
@@ -51,6 +63,7 @@ ep size: a checkpoint taken at ep=2 loads at ep=1, ep=4 or into an unconverted t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,6 +74,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from tidal.comm.overlap import Overlap
+from tidal.parallel.expert_exchange import exchange_in_pieces, plan_pieces
 from tidal.parallel.topology import Topology
 
 MIXTRAL_BLOCKS = ("MixtralSparseMoeBlock",)
@@ -102,13 +116,24 @@ class SwiGLUExperts(nn.Module):
             self.register_parameter(name, weight)
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows (N, H) grouped by local expert, `counts[j]` rows for expert j -> outputs (N, H), same order."""
-        # Every expert runs, on zero rows too, so each weight gets a (zero) gradient and is never left None.
-        outs = []
-        for j, chunk in enumerate(rows.split(counts)):
-            gated = F.silu(F.linear(chunk, self.w1[j])) * F.linear(chunk, self.w3[j])
-            outs.append(F.linear(gated, self.w2[j]))
-        return torch.cat(outs)
+        """Rows (N, H) in blocks of `counts[b]` rows, block b for local expert ``b % El`` (one block per expert:
+        grouped by expert) -> outputs (N, H), same order."""
+        return swiglu_experts(rows, counts, self.w1, self.w3, self.w2)
+
+
+def swiglu_experts(
+    rows: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """`SwiGLUExperts` on explicit weights w1, w3 (El, F, H), w2 (El, H, F): rows (N, H) in blocks of
+    `counts[b]` rows, block b for local expert ``b % El`` -> outputs (N, H), same order. Rows received
+    from ep ranks, (source rank, local expert) blocks, run as they came, without a regrouping copy."""
+    # Every expert runs, on zero rows too, so each weight gets a (zero) gradient and is never left None.
+    outs = []
+    for b, block in enumerate(rows.split(counts)):
+        j = b % w1.shape[0]
+        gated = F.silu(F.linear(block, w1[j])) * F.linear(block, w3[j])
+        outs.append(F.linear(gated, w2[j]))
+    return torch.cat(outs)
 
 
 class MoELayer(nn.Module):
@@ -167,7 +192,8 @@ class MoELayer(nn.Module):
         self.dropped = 0
         self.assignments = 0
         self.overlap: Overlap | None = None
-        """Set by `apply_expert_parallel`: whether the exchange runs in pieces overlapping the experts."""
+        """Set by `apply_expert_parallel`: whether the exchange runs in pieces overlapping the experts, and
+        where its collectives are reported; None: torch's functional all-to-alls in one piece, unreported."""
 
     def extra_repr(self) -> str:
         return (
@@ -208,59 +234,39 @@ class MoELayer(nn.Module):
             counts = counts.clamp(max=capacity)
         self.assignments = order.numel()
         self.dropped = self.assignments - token_of_row.numel()
-        expert_out = self._run_experts(tokens[token_of_row], counts)
-        weighted = (expert_out * weight_of_row[:, None]).to(tokens.dtype)
-        return torch.zeros_like(tokens).index_add(0, token_of_row, weighted).reshape(hidden_states.shape)
+        return self._experts_sum(tokens, token_of_row, weight_of_row, counts).reshape(hidden_states.shape)
 
-    def _run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows (N, H) sorted by global expert, counts (E,) -> expert outputs (N, H) in the same order."""
-        if self.group is None:
-            return self.experts(rows, counts.tolist())
+    def _experts_sum(
+        self, tokens: torch.Tensor, token_of_row: torch.Tensor, weight_of_row: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Tokens (T, H) and the kept assignments sorted by global expert (token (N,), router weight (N,),
+        counts (E,) per expert) -> (T, H): every token's expert outputs, weighted and summed."""
         overlap = self.overlap
         # Experts sharded by FSDP2 (ZeRO 3) gather their weights per call and hook their backward: pieces
         # would gather them once per piece, and an auto trial's backward would leave FSDP's state half-done.
-        if overlap is None or overlap.mode == "off" or isinstance(self.experts, FSDPModule):
-            return self._exchange(rows, counts)
+        if self.group is None or overlap is None or isinstance(self.experts, FSDPModule):
+            rows = tokens[token_of_row]
+            out = self.experts(rows, counts.tolist()) if self.group is None else self._exchange(rows, counts)
+            return _weighted_sum(tokens, token_of_row, weight_of_row, out)
+        weights = [self.experts.w1, self.experts.w3, self.experts.w2]
+        one_piece = functools.partial(self._exchange_chunked, chunks=1)
+        in_pieces = functools.partial(self._exchange_chunked, chunks=overlap.chunks)
         # The key leaves out the row count: it differs between ranks and steps, the decision must not.
-        key = ("moe", self.hidden, self.ffn_hidden, self.local_experts, rows.dtype)
-        return overlap.choose(key, self.group, self._exchange, self._exchange_chunked, [rows, counts])(rows, counts)
+        # The weights are inputs, so the auto trial's backward computes their gradients (into copies) too.
+        key = ("moe", self.hidden, self.ffn_hidden, self.local_experts, tokens.dtype)
+        inputs = [tokens, token_of_row, weight_of_row, counts, *weights]
+        return overlap.choose(key, self.group, one_piece, in_pieces, inputs)(*inputs)
 
-    def _exchange_chunked(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`_exchange` in ``overlap.chunks`` pieces whose all-to-alls overlap the experts (see the module doc)."""
-        chunks, ep, local = self.overlap.chunks, self.ep, self.local_experts
-        # piece j holds rows [start_e + cut[j, e], start_e + cut[j + 1, e]) of every expert e
-        cut = torch.stack([counts * j // chunks for j in range(chunks + 1)])  # (chunks + 1, E)
-        part = cut.diff(dim=0)  # (chunks, E)
-        start = counts.cumsum(0) - counts
-        sent = part.view(chunks, ep, local).transpose(0, 1).contiguous()  # (ep, chunks, El) by destination
-        received = torch.empty_like(sent)
-        dist.all_to_all_single(received, sent, group=self.group)  # every piece's counts in one exchange
-        # one gather into piece order (rows of piece 0, then piece 1, ...), contiguous pieces after it
-        order = torch.cat([self._piece_rows(start + cut[j], part[j]) for j in range(chunks)])
-        sizes = part.sum(1).tolist()
-        pieces = []
-        for j, piece_rows in enumerate(rows[order].split(sizes)):
-            send_splits = part[j].view(ep, local).sum(1).tolist()
-            receive_splits = received[:, j].sum(1).tolist()
-            travelling = funcol.all_to_all_single_autograd(piece_rows, receive_splits, send_splits, self.group)
-            pieces.append((send_splits, receive_splits, received[:, j], travelling))
-        outs = []
-        for send_splits, receive_splits, piece_counts, travelling in pieces:
-            out = self._local_experts(funcol.wait_tensor(travelling), piece_counts)
-            outs.append(funcol.all_to_all_single_autograd(out, send_splits, receive_splits, self.group))
-        done = torch.cat([funcol.wait_tensor(out) for out in outs])
-        return torch.empty_like(done).index_copy(0, order, done)
-
-    @staticmethod
-    def _piece_rows(first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Row indices ``first[e], first[e] + 1, .., first[e] + counts[e] - 1`` for every expert e, in order."""
-        total = int(counts.sum())
-        offsets = counts.cumsum(0) - counts
-        return (
-            first.repeat_interleave(counts)
-            + torch.arange(total, device=counts.device)
-            - offsets.repeat_interleave(counts)
-        )
+    def _exchange_chunked(
+        self, tokens, token_of_row, weight_of_row, counts, *weights: torch.Tensor, chunks: int
+    ) -> torch.Tensor:
+        """`_experts_sum` with experts on `weights` (w1, w3, w2), the exchange in `chunks` pieces (module doc)."""
+        observe = self.overlap.observe if self.overlap is not None else None
+        plan = plan_pieces(counts, chunks, self.local_experts, self.group, observe)
+        if plan.order is not None:  # rows gathered straight into piece order, and summed back from it
+            token_of_row, weight_of_row = token_of_row[plan.order], weight_of_row[plan.order]
+        out = exchange_in_pieces(tokens[token_of_row], plan, swiglu_experts, weights)
+        return _weighted_sum(tokens, token_of_row, weight_of_row, out)
 
     def _local_experts(self, received: torch.Tensor, received_counts: torch.Tensor) -> torch.Tensor:
         """Rows received from every source rank (in source, then local-expert order; `received_counts` (ep, El))
@@ -271,7 +277,7 @@ class MoELayer(nn.Module):
         return torch.empty_like(out).index_copy(0, by_expert, out)  # back to (source rank, expert) order
 
     def _exchange(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Dispatch, experts, combine in one piece each (the plain form)."""
+        """Dispatch, experts, combine in one piece each by torch's functional collectives (no ``overlap``)."""
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
         # received_counts[s, j]: rows that source rank s sends to this rank's local expert j
@@ -281,6 +287,14 @@ class MoELayer(nn.Module):
         received = funcol.all_to_all_single_autograd(rows, receive_splits, send_splits, self.group)
         out = self._local_experts(funcol.wait_tensor(received), received_counts)
         return funcol.wait_tensor(funcol.all_to_all_single_autograd(out, send_splits, receive_splits, self.group))
+
+
+def _weighted_sum(
+    tokens: torch.Tensor, token_of_row: torch.Tensor, weight_of_row: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Expert outputs (N, H), row i scaled by `weight_of_row[i]` and added into token `token_of_row[i]`: (T, H)."""
+    weighted = (out * weight_of_row[:, None]).to(tokens.dtype)
+    return torch.zeros_like(tokens).index_add(0, token_of_row, weighted)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
