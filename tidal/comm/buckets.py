@@ -16,6 +16,10 @@ Two reductions:
 - ``"reduce_scatter"``: each parameter's local part (a DTensor's local shard, else the whole tensor) is
   split by rows into ``world`` chunks (torch.chunk sizes, as DTensor's Shard(0)); rank r receives the
   mean of its chunk only, handed to ``on_shard_grad`` and the full ``p.grad`` is freed at launch (ZeRO 2).
+  The full-size send buffer lives as long as its collective's handle, so at most `SCATTERS_IN_FLIGHT`
+  are kept: launching one more first waits for the oldest and drops its handle (its received chunk
+  stays until `wait`). Without that every send buffer would live to the end of backward, and ZeRO 2
+  would hold as much gradient memory in backward as ZeRO 1.
 
 Bucket layout for reduce_scatter, world=2, params a (3 rows) and b (1 row)::
 
@@ -38,6 +42,8 @@ from torch.autograd import Variable
 from tidal.parallel.shards import like, local
 
 FIRST_BUCKET_BYTES = 1 << 20
+SCATTERS_IN_FLIGHT = 2
+"""Reduce-scatter buckets (each holding a full-size send buffer) travelling at once, count."""
 """Cap of the first bucket (the last layers' gradients, ready first), bytes."""
 
 
@@ -100,6 +106,8 @@ class Bucket:
     blocked: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """Wraps the blocking wait, so metrics can tell exposed communication from hidden."""
     launched: bool = False
+    retired: bool = False
+    """reduce_scatter: its collective was waited early (`SCATTERS_IN_FLIGHT`); its chunk awaits `wait`."""
 
 
 class GradientBuckets:
@@ -235,6 +243,7 @@ class GradientBuckets:
             bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             nbytes = bucket.buffer.numel() * bucket.buffer.element_size()
         else:
+            self._retire_scatters(SCATTERS_IN_FLIGHT - 1)
             send = torch.zeros(bucket.segment * self.world, dtype=bucket.params[0].dtype, device=_device(bucket))
             for p, offsets in zip(bucket.params, bucket.offsets, strict=True):
                 if p.grad is not None:
@@ -246,14 +255,24 @@ class GradientBuckets:
         record = self.on_comm(f"{bucket.mode} {bucket.index}", nbytes, bucket.work) if self.on_comm else None
         bucket.blocked = record.blocked if record is not None else contextlib.nullcontext
 
+    def _retire_scatters(self, keep: int) -> None:
+        """Wait for the oldest reduce-scatters in flight until `keep` remain, dropping their handles (and
+        with them their send buffers)."""
+        flying = [b for b in self.buckets if b.mode == "reduce_scatter" and b.work is not None]
+        for bucket in flying[: max(0, len(flying) - keep)]:
+            with bucket.blocked():
+                bucket.work.wait()
+            bucket.work, bucket.retired = None, True
+
     def wait(self) -> None:
         """Wait for every launched bucket and deliver its mean gradients; then reset for the next step."""
         for bucket in self.buckets:
-            if bucket.work is None:
+            if bucket.work is None and not bucket.retired:
                 continue
-            with bucket.blocked():
-                bucket.work.wait()
-            bucket.work = None
+            if bucket.work is not None:
+                with bucket.blocked():
+                    bucket.work.wait()
+            bucket.work, bucket.retired = None, False
             bucket.buffer.mul_(1.0 / self.world if self.scale is None else self.scale)
             if bucket.mode == "all_reduce":
                 offset = 0

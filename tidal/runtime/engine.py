@@ -407,7 +407,9 @@ class CommWatch:
 
     Completion is observed at the wait, not through the work's future: a collective already done
     when its wait comes counts as hidden (its end time is then an upper bound). Future callbacks run
-    Python on the backend's own threads, which gloo's reduce_scatter does not even offer.
+    Python on the backend's own threads, which gloo's reduce_scatter does not even offer. The work is
+    dropped at the wait: it holds the collective's buffers (a ZeRO 2 bucket's send and receive ones),
+    and the watch lives on with its bucket until the next step.
     """
 
     def __init__(self, record: CommRecord, work: dist.Work) -> None:
@@ -416,7 +418,8 @@ class CommWatch:
 
     @contextlib.contextmanager
     def blocked(self) -> Iterator[None]:
-        if self.work.is_completed():
+        work, self.work = self.work, None  # the work holds its tensors: none of them outlives the wait
+        if work is None or work.is_completed():
             self.record.completed()
             yield
             return
