@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tidal.config import Config, ConfigError
 from tidal.launch.local import LaunchError, LaunchOptions, launch
 from tidal.parallel.topology import TopologyError
+
+if TYPE_CHECKING:
+    from tidal.memory.planner import PlanReport
 
 PARALLEL_FLAGS = ("tp", "pp", "sp", "ep", "dp")
 
@@ -44,6 +48,7 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--standalone", action="store_true", help="accepted for torchrun compatibility (the default)")
     p.add_argument("-m", "--module", action="store_true", help="run TARGET as a module (python -m)")
     _config_flags(p)
+    _plan_check_flags(p)
     p.add_argument("target", metavar="SCRIPT|MODULE")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -133,39 +138,93 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     _config_flags(p)
     p.add_argument("--zero", type=int, default=None, choices=range(4), help="zero.stage")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (train.micro_batch_size)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048, at most the model's)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="precision.dtype")
-    p.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GiB (default: probed; none: host)")
-    p.add_argument("--cpu-mem", default=None, help="host memory per node, e.g. 512GiB (default: available here)")
-    p.add_argument("--nvme", default=None, metavar="PATH", help="NVMe directory: its free space is the budget")
-    p.add_argument("--nvme-space", default=None, help="NVMe space per node instead of --nvme's free space, e.g. 4TiB")
-    p.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing a node (default: GPUs here)")
+    _plan_budget_flags(p, ranks_per_node="GPUs here")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--yaml", action="store_true", help="print the config to run (tidal YAML) only")
     out.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--chart", default=None, metavar="FILE.png", help="also draw the per-rank breakdown as a PNG")
+
+
+def _plan_budget_flags(parser: argparse._ActionsContainer, ranks_per_node: str) -> None:
+    """The flags `tidal plan` and `tidal launch --plan-check` share: the sequence length and the budgets."""
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048, at most the model's)")
+    parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GiB (default: probed; none: host)")
+    parser.add_argument("--cpu-mem", default=None, help="host memory per node, e.g. 512GiB (default: available here)")
+    parser.add_argument("--nvme", default=None, metavar="PATH", help="NVMe directory: its free space is the budget")
+    parser.add_argument(
+        "--nvme-space", default=None, help="NVMe space per node instead of --nvme's free space, e.g. 4TiB"
+    )
+    parser.add_argument(
+        "--ranks-per-node", type=int, default=None, help=f"ranks sharing a node (default: {ranks_per_node})"
+    )
+    parser.add_argument(
+        "--gpu", default=None, metavar="NAME", help="GPU model the step time is predicted for, e.g. H100, A100"
+    )
+    parser.add_argument("--nvme-bw", default=None, metavar="RATE", help="NVMe bandwidth per node, e.g. 3GB/s")
+    parser.add_argument("--inter-bw", default=None, metavar="RATE", help="network per GPU across nodes, e.g. 25GB/s")
+    parser.add_argument("--intra-bw", default=None, metavar="RATE", help="GPU to GPU in a node, e.g. 450GB/s")
+
+
+def _plan_check_flags(parser: argparse.ArgumentParser) -> None:
+    """`tidal launch`'s flags that plan the job before starting it, in a group of their own in --help."""
+    group = parser.add_argument_group("plan check", "plan the job as tidal plan does before starting any rank")
+    group.add_argument(
+        "--plan-check",
+        action="store_true",
+        help="start nothing when the plan does not fit (the plan and its fix are printed); needs --plan-model",
+    )
+    group.add_argument(
+        "--plan-model", default=None, metavar="MODEL", help="the job's model for --plan-check, as tidal plan's MODEL"
+    )
+    _plan_budget_flags(group, ranks_per_node="--nproc-per-node")
+
+
+def _plan_job(
+    ns: argparse.Namespace, model: str, world: int | None, overrides: list[str], ranks_per_node: int | None
+) -> PlanReport:
+    """Plan `model` under --config, `overrides` and the budget flags. Raises ValueError or OSError (a bad MODEL,
+    size, config or flag: the message names the fix)."""
+    from tidal.memory.hardware import hardware_for, parse_rate
+    from tidal.memory.planner import Budgets, plan
+
+    config = Config.load(ns.config, overrides=overrides)
+    budgets = Budgets.probe(
+        gpu_mem=ns.gpu_mem, cpu_mem=ns.cpu_mem, nvme=ns.nvme, nvme_space=ns.nvme_space, ranks_per_node=ranks_per_node
+    )
+    rates = {"nvme_bw": ns.nvme_bw, "inter_bw": ns.inter_bw, "intra_bw": ns.intra_bw}
+    hardware = hardware_for(budgets, ns.gpu, **{k: parse_rate(v) for k, v in rates.items() if v is not None})
+    return plan(model, config, world, budgets, seq_len=ns.seq, hardware=hardware)
 
 
 def _run_plan(ns: argparse.Namespace) -> int:
     """Run `tidal plan`: 0 when the job fits, 1 when it does not, 2 for a bad MODEL or flag."""
     import json
 
-    from tidal.memory.planner import Budgets, plan
     from tidal.memory.report import format_plan, plan_summary
 
+    if ns.chart is not None:
+        from tidal.memory.chart import ChartError, require_matplotlib
+
+        try:
+            if not ns.chart.lower().endswith(".png"):
+                raise ChartError(f"--chart {ns.chart}: the chart is a PNG; name the file FILE.png")
+            require_matplotlib()
+        except ChartError as err:
+            print(f"tidal plan: {err}", file=sys.stderr)
+            return 2
     overrides = _overrides(ns)
-    overrides += [f"{key}={value}" for key, value in (("zero.stage", ns.zero), ("precision.dtype", ns.precision))]
+    flags = (("zero.stage", ns.zero), ("precision.dtype", ns.precision), ("train.micro_batch_size", ns.micro_batch))
+    overrides += [f"{key}={value}" for key, value in flags]
     overrides = [o for o in overrides if not o.endswith("=None")]
     try:
-        config = Config.load(ns.config, overrides=overrides)
-        budgets = Budgets.probe(
-            gpu_mem=ns.gpu_mem,
-            cpu_mem=ns.cpu_mem,
-            nvme=ns.nvme,
-            nvme_space=ns.nvme_space,
-            ranks_per_node=ns.ranks_per_node,
-        )
-        report = plan(ns.model, config, ns.world, budgets, micro_batch=ns.micro_batch, seq_len=ns.seq)
-    except (ValueError, OSError) as err:  # a bad MODEL, size, config or sizes: the message names the fix
+        report = _plan_job(ns, ns.model, ns.world, overrides, ns.ranks_per_node)
+        if ns.chart is not None:
+            from tidal.memory.chart import draw_plan
+
+            draw_plan(report, ns.chart)
+            print(f"tidal plan: chart written to {ns.chart}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # a bad MODEL, size, config, sizes or chart path: the message names the fix
         print(f"tidal plan: {err}", file=sys.stderr)
         return 2
     if ns.json:
@@ -180,6 +239,49 @@ def _run_plan(ns: argparse.Namespace) -> int:
         if report.change is not None:
             print("the same flags with --yaml print the config with the change applied (for --config or tidal.wrap)")
     return 0 if report.fits else 1
+
+
+def _check_plan(ns: argparse.Namespace, opts: LaunchOptions) -> int | None:
+    """`tidal launch --plan-check`: plan the job about to start. None when it fits (after a one-line summary),
+    else the exit code: 1 when it does not fit (the plan printed as `tidal plan` prints it), 2 for bad flags.
+    An elastic job (--nnodes MIN:MAX) is planned at MIN nodes, where each rank holds the most."""
+    from tidal.memory.report import format_plan
+
+    planning = ("plan_model", "seq", "gpu_mem", "cpu_mem", "nvme", "nvme_space", "ranks_per_node", "gpu", "nvme_bw")
+    planning += ("inter_bw", "intra_bw")
+    given = [f"--{f.replace('_', '-')}" for f in planning if getattr(ns, f) is not None]
+    if not ns.plan_check:
+        if given:
+            print(f"tidal launch: {', '.join(given)} only matter with --plan-check; add it", file=sys.stderr)
+            return 2
+        return None
+    if ns.plan_model is None:
+        print(
+            "tidal launch: --plan-check needs the job's model; add --plan-model MODEL "
+            "(a preset, a Hugging Face config.json, or module:function as for tidal plan)",
+            file=sys.stderr,
+        )
+        return 2
+    world = opts.node_range()[0] * opts.nproc_per_node
+    try:
+        report = _plan_job(ns, ns.plan_model, world, list(opts.overrides), ns.ranks_per_node or opts.nproc_per_node)
+    except (ValueError, OSError) as err:
+        print(f"tidal launch: --plan-check: {err}", file=sys.stderr)
+        return 2
+    if not report.fits:
+        print(format_plan(report))
+        fix = "add the --set lines above to this command" if report.change else "change the job"
+        print(f"tidal launch: the planner says this job does not fit; nothing was started ({fix})", file=sys.stderr)
+        return 1
+    from tidal.memory.probe import format_bytes
+
+    used = ", ".join(
+        f"{t} {format_bytes(report.usage[t])}"
+        + (" (the host's, in cpu)" if report.limit(t) is None else f" of {format_bytes(report.limit(t))}")
+        for t in report.usage
+    )
+    print(f"tidal launch: plan fits: {report.model}, world {world}: {used}; starting", flush=True)
+    return None
 
 
 # -- tidal plan (end) -------------------------------------------------------------------------------
@@ -233,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "launch":
-            return launch(launch_options(ns))
+            opts = launch_options(ns)
+            refused = _check_plan(ns, opts)
+            return launch(opts) if refused is None else refused
         if ns.command == "ray":
             return _run_ray(ns)
         if ns.command == "plan":

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tidal.comm.buckets import FIRST_BUCKET_BYTES, lay_out_segments, row_range
+from tidal.comm.buckets import FIRST_BUCKET_BYTES, SCATTERS_IN_FLIGHT, lay_out_segments, row_range
 from tidal.config import Config
 from tidal.offload.chunks import ALIGN_BYTES, KERNEL_OPTIONS, cut_runs, updates_in_backward
 from tidal.offload.nvme import padded_size
@@ -49,6 +49,10 @@ TIERS = ("device", "cpu", "nvme")
 """Where bytes live: the compute device, host memory, NVMe files."""
 CATEGORIES = ("params", "grads", "optimizer", "masters", "activations", "buffers")
 """What the bytes are, in table order."""
+SCATTER_BUFFER = "gradient reduce-scatter send/receive"
+"""The ZeRO 2 buckets' send and receive buffers (`Buffer.name`)."""
+FSDP_SCATTER_BUFFER = "FSDP2 gradient reduce-scatter (one block)"
+"""One block's unsharded gradients and their reduced shard under ZeRO 3 (`Buffer.name`)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class Buffer:
     """The runtime allocates exactly this (True), or at most this (False: lazily, or sized at run time)."""
     phase: str = "train"
     """When a transient buffer lives: "train" (forward and backward, beside the activations) or "step" (the
-    optimizer step, after backward freed the activations)."""
+    optimizer step, after backward freed the activations; one step buffer at a time)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,18 @@ class OptimizerState:
     """Bytes of 0-dim state tensors per parameter (Adam's float32 step: 4)."""
     scalar_tensors: int
     """0-dim state tensors per parameter, count (each takes its own 64-byte slot in an NVMe chunk file)."""
+    kernel: str | None = None
+    """The implementation its options ask for: "fused", "foreach", "single" (foreach=False); None: torch's
+    default (foreach on CUDA, one tensor at a time elsewhere)."""
+
+    def update_temporaries(self, device_type: str, updated: list[int]) -> int:
+        """Bytes an on-device step allocates for a while, given the bytes of each parameter it updates:
+        torch's foreach kernels one state-sized list (Adam's sqrt(v)), one tensor at a time two of the
+        largest, fused none. Optimizers without state are taken as the one-at-a-time case."""
+        kernel = self.kernel or ("foreach" if device_type == "cuda" else "single")
+        if kernel == "fused" or not updated:
+            return 0
+        return sum(updated) if kernel == "foreach" else 2 * max(updated)
 
 
 @dataclass(frozen=True)
@@ -138,10 +154,12 @@ class RankEstimate:
 
     def peak(self, tier: str) -> int:
         """Predicted peak: `steady` plus the larger of forward/backward (activations and the transient
-        buffers living beside them, all counted as alive at once: an upper bound) and the optimizer step's
-        transient buffers (the activations are gone by then)."""
+        buffers living beside them, all counted as alive at once: an upper bound) and the largest of the
+        optimizer step's transient buffers (the activations are gone by then; the update's temporaries are
+        freed before the ZeRO all-gather that follows it)."""
         train = (self.activations + self.buffers(phase="train"))[tier]
-        return self.steady(tier) + max(train, self.buffers(phase="step")[tier])
+        step = (b.nbytes for b in self.buffer_list if not b.persistent and b.phase == "step" and b.tier == tier)
+        return self.steady(tier) + max([train, *step])
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,7 @@ def optimizer_state(optimizer: type[torch.optim.Optimizer] | torch.optim.Optimiz
     cls = type(optimizer) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     if isinstance(optimizer, torch.optim.Optimizer):
         options = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} | options
+    kernel = "fused" if options.get("fused") else {True: "foreach", False: "single"}.get(options.get("foreach"))
     options = {k: v for k, v in options.items() if k not in KERNEL_OPTIONS} | {"lr": 0.0}
     probe = torch.zeros(2)
     probe.grad = torch.ones(2)
@@ -186,11 +205,11 @@ def optimizer_state(optimizer: type[torch.optim.Optimizer] | torch.optim.Optimiz
         opt = cls([{"params": [probe], **options}])
         opt.step()
     except Exception:  # noqa: BLE001 - the same fallback as the offloaded optimizer's `state_slots`
-        return OptimizerState(cls.__name__, 2, 4, 1)
+        return OptimizerState(cls.__name__, 2, 4, 1, kernel)
     values = [v for v in opt.state[probe].values() if isinstance(v, torch.Tensor)]
     slots = sum(1 for v in values if v.shape == probe.shape)
     scalars = [v.element_size() for v in values if v.dim() == 0]
-    return OptimizerState(cls.__name__, slots, sum(scalars), len(scalars))
+    return OptimizerState(cls.__name__, slots, sum(scalars), len(scalars), kernel)
 
 
 # -- the model's parameters as this job lays them out ----------------------------------------------------
@@ -358,6 +377,9 @@ def _rank(job: _Job, rank: int) -> RankEstimate:
     opt_params = [(p, p.rows(world, me) if stage else p.numel) for p in updated]
     optimizer, masters, released, staging = _optimizer(job, opt_params, world)
     buffers += staging
+    if c.offload.optimizer.device == "none" and job.state.slots:
+        temporaries = job.state.update_temporaries(job.device_type, [n * p.itemsize for p, n in opt_params])
+        buffers.append(Buffer("optimizer update temporaries", dev, temporaries, False, phase="step"))
     freed = set().union(*released)
     grads = TierBytes.on(grad_tier, sum(b for n, b in grad_bytes.items() if n not in freed))
     if released:
@@ -387,9 +409,11 @@ def _optimizer(job: _Job, opt_params: list[tuple[_Param, int]], world: int):
     tier = c.offload.optimizer.device
     state, masters = TierBytes(), TierBytes()
     host_chunks: list[tuple[int, int]] = []  # (file bytes, gradient staging bytes) in update order
+    temporaries = 0  # the device chunks are updated one chunk at a time, with the optimizer's own kernel
     for i, cut in enumerate(cuts):
         if i < on_device:
             state += TierBytes.on("device", sum(n * p.itemsize * s.slots + s.scalar_bytes for p, n in cut))
+            temporaries = max(temporaries, s.update_temporaries(job.device_type, [n * p.itemsize for p, n in cut]))
             continue
         need_master = [job.device_type != "cpu" or p.itemsize != 4 for p, _ in cut]  # else updated in place
         fp32 = sum(n * 4 * s.slots + s.scalar_bytes for _, n in cut)
@@ -419,6 +443,8 @@ def _optimizer(job: _Job, opt_params: list[tuple[_Param, int]], world: int):
         staging.append(Buffer(f"offload gradient staging {slot}", "cpu", max(u[1] for u in used), True, exact))
     if tier == "nvme":  # a rewritten file's old blocks are kept under a spare name for the next write
         staging.append(Buffer("NVMe spare files kept for reuse", "nvme", state.nvme, True, False))
+    if temporaries:
+        staging.append(Buffer("optimizer update temporaries", "device", temporaries, False, phase="step"))
     return state, masters, released, [b for b in staging if b.nbytes]
 
 
@@ -447,9 +473,10 @@ def _bucket_buffers(job: _Job, trained: list[_Param], world: int, me: int) -> li
             if current >= (min(bucket_bytes, FIRST_BUCKET_BYTES) if first else bucket_bytes):
                 sizes.append(current)
                 current, first = 0, False
-        sizes = sorted([*sizes, current], reverse=True)[:2]  # about two buckets travel at once
-        send = sum(s + math.ceil(s / world) for s in sizes)
-        out.append(Buffer("gradient reduce-scatter send/receive", "device", send, False))
+        sizes = [*sizes, current]
+        # the largest sends in flight at once, and every bucket's received chunk until the end of backward
+        send = sum(sorted(sizes, reverse=True)[:SCATTERS_IN_FLIGHT]) + sum(math.ceil(s / world) for s in sizes)
+        out.append(Buffer(SCATTER_BUFFER, "device", send, False))
     if stage in (1, 2):
         shards = [_meta(p) for p in trained if p.shape]
         gathered = 0
@@ -468,12 +495,14 @@ def _fsdp_buffers(job: _Job, trained: list[_Param], world: int) -> list[Buffer]:
         unsharded[p.block] = unsharded.get(p.block, 0) + p.padded_rows(world) * world * p.itemsize
     root = unsharded.pop(None, 0)
     blocks = sorted(unsharded.values(), reverse=True)
-    alive = len(blocks) if not z.reshard_after_forward else 1 + max(1, z.prefetch_modules)
+    # a block gathered (prefetch_modules of them with deeper prefetch), plus the flat all-gather output it is
+    # being copied out of: what a real step holds when backward starts (measured on GPT-2, 2 ranks)
+    alive = len(blocks) if not z.reshard_after_forward else max(1, z.prefetch_modules)
     largest = blocks[0] if blocks else 0
-    gathered = root + sum(blocks[:alive]) + largest  # + the flat all-gather output one block is copied out of
+    gathered = root + sum(blocks[:alive]) + largest
     return [
         Buffer("FSDP2 unsharded root + gathered blocks", "device", gathered, False),
-        Buffer("FSDP2 gradient reduce-scatter (one block)", "device", 2 * largest, False),
+        Buffer(FSDP_SCATTER_BUFFER, "device", 2 * largest, False),
     ]
 
 

@@ -1,9 +1,14 @@
-"""The dry run: will this job fit, and if not, what is the smallest change that does.
+"""The dry run: will this job fit, how long will a step take, and if it does not fit, what is the fastest
+change that does.
 
     report = plan("llama-70b", {"zero": {"stage": 3}, "precision": {"dtype": "bf16"}}, world_size=8,
                   budgets=Budgets.probe(gpu_mem="80GiB", cpu_mem="1TiB"), micro_batch=1, seq_len=4096)
     report.fits, report.usage, report.change.overrides    # bool, tier -> bytes, ("offload.optimizer.device=cpu", ...)
+    report.time.seconds, report.time.transfers            # predicted step (`tidal.memory.cost`) on report.hardware
     print(format_plan(report)); report.runnable_config().to_yaml()   # what tidal.wrap(config=...) runs
+
+The search (`tidal.memory.search`) ranks candidate changes by predicted step time and takes the first that
+fits; given `world_size` and a config without sizes it also searches tp, pp and the ZeRO stage.
 
 Per rank, `estimate` gives parameters, gradients, optimizer state, masters and runtime buffers; the trace
 (`trace_model` under fake tensors) gives the activations, which this module lays out per rank:
@@ -21,6 +26,12 @@ Per rank, `estimate` gives parameters, gradients, optimizer state, masters and r
 - recompute (``offload.activations.policy`` "recompute" on the blocks): a block keeps only its input; in
   backward one block's activations exist again. Offload (cpu/nvme): the blocks' saved tensors move to that
   tier; the device keeps the rest and ``1 + prefetch_layers`` blocks' worth.
+- freed in backward (negative): the parts above plus all the gradients would be an upper bound, since
+  backward frees activations while gradients appear. A rank running the whole model with every block kept
+  takes the trace's own high-water mark instead (`ActivationProfile.traced_peak`: the moments of backward
+  as (activations and temporaries, gradients, weight casts), each scaled to this rank), and this part is
+  the difference. On six architectures x three configs the predicted peak is within 7% of real CPU steps
+  (`benchmarks/plan_accuracy.py`).
 
 Budgets: device memory per rank (GPU memory; on a machine without GPUs the device is the host), host memory
 and NVMe space per node, shared by the ``ranks_per_node`` ranks placed there (consecutive ranks).
@@ -28,7 +39,6 @@ and NVMe space per node, shared by the ``ranks_per_node`` ranks placed there (co
 
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 from collections.abc import Mapping
@@ -38,7 +48,17 @@ from typing import Any
 import torch
 
 from tidal.config import Config
-from tidal.memory.estimate import TIERS, MemoryEstimate, TierBytes, estimate
+from tidal.memory.cost import ModelShape, StepTime, StepWork, model_shape, step_time
+from tidal.memory.estimate import (
+    FSDP_SCATTER_BUFFER,
+    SCATTER_BUFFER,
+    TIERS,
+    MemoryEstimate,
+    RankEstimate,
+    TierBytes,
+    estimate,
+)
+from tidal.memory.hardware import Hardware, hardware_for
 from tidal.memory.presets import ModelSpec, resolve_model
 from tidal.memory.probe import format_bytes, probe_gpus, probe_host
 from tidal.memory.trace import ModelTrace, trace_causal_lm, trace_model
@@ -138,9 +158,20 @@ class ActivationProfile:
     backward_workspace: int
     """Backward's high-water mark above what forward kept plus all gradients (0 when below)."""
     batch_bytes: int
+    work: StepWork | None = None
+    """FLOPs, ops and bytes of the micro-batch, for the step-time prediction."""
+    grad_bytes: int = 0
+    """Gradients of the whole model after backward."""
+    param_bytes: int = 0
+    """Parameters of the whole model."""
+    forward_point: tuple[int, int] = (0, 0)
+    """The trace's `ModelTrace.forward_point`: (activations and temporaries, parameter casts) at forward's peak."""
+    backward_points: tuple[tuple[int, int, int], ...] = ()
+    """The trace's `ModelTrace.backward_points`: (activations and temporaries, gradients, parameter casts) at
+    the moments of backward that may hold its peak."""
 
     @classmethod
-    def from_trace(cls, trace: ModelTrace, block_inputs: list[int]) -> ActivationProfile:
+    def from_trace(cls, trace: ModelTrace, block_inputs: list[int], tokens: int = 0) -> ActivationProfile:
         blocks = trace.blocks()
         names = set(trace.block_names)
         first = trace.block_names[0] if names else None
@@ -169,7 +200,20 @@ class ActivationProfile:
             forward_workspace=max(0, trace.forward_peak_bytes - trace.after_forward_bytes),
             backward_workspace=max(0, trace.backward_peak_bytes - trace.after_forward_bytes - grads),
             batch_bytes=trace.input_bytes,
+            work=StepWork.from_trace(trace, tokens, block_inputs[0] if block_inputs else 0),
+            grad_bytes=grads,
+            param_bytes=trace.total.param_bytes,
+            forward_point=trace.forward_point,
+            backward_points=trace.backward_points,
         )
+
+    def traced_peak(self, activations: float, grads: float, casts: float) -> int:
+        """The step's high-water mark above parameters, buffers and batch, as the trace saw it, with its
+        activations and temporaries scaled by `activations`, gradients by `grads` and parameter casts by
+        `casts`: the larger of forward's peak and the highest moment of backward."""
+        forward = activations * self.forward_point[0] + casts * self.forward_point[1]
+        backward = (activations * o + grads * g + casts * c for o, g, c in self.backward_points)
+        return int(max(forward, *backward))
 
 
 def trace_profile(spec: ModelSpec, micro_batch: int, seq_len: int, precision: str) -> ActivationProfile:
@@ -200,7 +244,8 @@ def trace_profile(spec: ModelSpec, micro_batch: int, seq_len: int, precision: st
     finally:
         for hook in hooks:
             hook.remove()
-    profile = ActivationProfile.from_trace(trace, inputs)
+    tokens = micro_batch * seq_len if spec.example_batch is None else 0
+    profile = ActivationProfile.from_trace(trace, inputs, tokens)
     if spec.trace_config is not None and precision != "fp32":  # every expert's weights are cast, not top_k's
         casts = tuple(sum(2 * p.numel() for p in b.parameters() if p.dim() >= 2) for b in repeated_blocks(spec.model))
         profile = replace(profile, block_casts=casts)
@@ -222,7 +267,14 @@ def _block_choices(spec: ModelSpec, config: Config, count: int) -> list[str]:
 
 
 def _rank_activations(
-    profile: ActivationProfile, config: Config, choices: list[str], pp_rank: int, in_flight: float, grads: int
+    profile: ActivationProfile,
+    config: Config,
+    choices: list[str],
+    pp_rank: int,
+    in_flight: float,
+    grads: int,
+    rank: RankEstimate | None = None,
+    shards: int = 1,
 ) -> dict[str, int]:
     """One rank's activation bytes by part (module doc): "offloaded" lies on offload.activations' tier, the
     rest on the device."""
@@ -241,7 +293,7 @@ def _rank_activations(
     split = par.tp * par.sp
     each = in_flight / split
     largest = {c: max((profile.block_saved[i] + casts[i] for i in ids), default=0) for c, ids in by_choice.items()}
-    return {
+    parts = {
         "saved": int((ends + sum(profile.block_saved[i] for i in by_choice["keep"])) * each),
         "weight copies": int(
             (sum(casts[i] for i in by_choice["keep"]) + (profile.tail_casts if zero3 and last else 0)) * each
@@ -253,6 +305,40 @@ def _rank_activations(
         "batch": int(profile.batch_bytes / par.sp),
         "offloaded": int(sum(profile.block_saved[i] + casts[i] for i in by_choice["offload"]) * each),
     }
+    whole = len(blocks) == count and rank is not None
+    parts["freed in backward"] = -_backward_relief(profile, config, parts, rank, each, shards) if whole else 0
+    return parts
+
+
+def _backward_relief(
+    profile: ActivationProfile, config: Config, parts: dict[str, int], rank: RankEstimate, each: float, shards: int
+) -> int:
+    """How far the parts above, plus this rank's gradients and the buffers that carry them, overshoot the
+    step's real high-water mark: backward frees activations while gradients appear, so the two never peak
+    together. The real mark comes from the trace's own moments (`ActivationProfile.traced_peak`), scaled
+    as the parts are, for a rank that runs the whole model with every block kept (no pipeline, recompute
+    or activation offload); else 0 (the parts stay an upper bound).
+
+    Gradients in backward: under ZeRO 0-2 each is whole (this rank's tensor-parallel shard) until its
+    bucket is reduced, and buckets go in registration order while gradients come in backward order (a
+    tied embedding's comes first and goes last), so they count as whole; the ZeRO 2 send buffers that
+    replace them are then covered too. Under ZeRO 3 FSDP2 reduce-scatters each block's once the block's
+    backward is done: counted whole as well (an upper bound late in backward, where the activations left
+    are few), which covers the reduce-scatter buffer. `shards`: ranks a ZeRO 3 shard is one of."""
+    if not profile.backward_points or profile.grad_bytes <= 0 or not profile.param_bytes:
+        return 0
+    if any(parts[k] for k in ("recompute inputs", "recomputed block", "offload prefetch", "offloaded")):
+        return 0
+    if config.zero.stage == 3:  # unsharded: every rank's gathered copy
+        whole = min(1.0, sum(rank.grads[t] for t in TIERS) * shards / profile.grad_bytes)
+    else:
+        whole = sum(rank.params[t] for t in TIERS) / profile.param_bytes
+    scatters = (SCATTER_BUFFER, FSDP_SCATTER_BUFFER)
+    covered = sum(b.nbytes for b in rank.buffer_list if b.name in scatters and b.tier == "device")
+    casts = each if config.zero.stage == 3 else 0.0
+    traced = profile.traced_peak(each, whole, casts)
+    counted = parts["saved"] + parts["weight copies"] + parts["workspace"] + rank.grads.device + covered
+    return max(0, counted - traced)
 
 
 def _activation_tiers(parts: dict[str, int], config: Config) -> TierBytes:
@@ -262,11 +348,14 @@ def _activation_tiers(parts: dict[str, int], config: Config) -> TierBytes:
 
 
 class _Cache:
-    """Traces per (micro-batch, sequence, precision) and estimates per config, shared by one search."""
+    """Traces per (micro-batch, sequence, precision), estimates per config, model shapes per (tp, ep) and block
+    choices per activation setting, shared by one search."""
 
     def __init__(self) -> None:
         self.profiles: dict[tuple, ActivationProfile] = {}
         self.estimates: dict[str, MemoryEstimate] = {}
+        self.shapes: dict[tuple[int, int], ModelShape] = {}
+        self.choices: dict[str, list[str]] = {}
 
     def profile(self, spec: ModelSpec, micro_batch: int, seq_len: int, precision: str) -> ActivationProfile:
         key = (micro_batch, seq_len, precision)
@@ -284,10 +373,33 @@ class _Cache:
             self.estimates[key] = estimate(spec.model, config, world, activations=units, device_type=device_type)
         return self.estimates[key]
 
+    def shape(self, spec: ModelSpec, tp: int, ep: int) -> ModelShape:
+        if (tp, ep) not in self.shapes:
+            self.shapes[tp, ep] = model_shape(spec.model, tp, ep)
+        return self.shapes[tp, ep]
+
+    def block_choices(self, spec: ModelSpec, config: Config, count: int) -> list[str]:
+        a = config.offload.activations
+        key = f"{a.device}/{sorted(a.policy.items())}/{count}"
+        if key not in self.choices:
+            self.choices[key] = _block_choices(spec, config, count)
+        return self.choices[key]
+
+    def work(self, spec: ModelSpec, micro_batch: int, seq_len: int, precision: str) -> StepWork:
+        """The traced work of this micro-batch, or (not traced yet) a traced one's scaled: for ranking only."""
+        traced = self.profiles.get((micro_batch, seq_len, precision))
+        if traced is None:
+            near = next(((m, p) for (m, s, d), p in self.profiles.items() if (s, d) == (seq_len, precision)), None)
+            if near is not None:
+                return near[1].work.scaled(micro_batch / near[0])
+            traced = self.profile(spec, micro_batch, seq_len, precision)
+        return traced.work
+
 
 @dataclass(frozen=True)
 class PlanReport:
-    """The dry run of one job: per-rank bytes, usage against the budgets, the verdict, and a change."""
+    """The dry run of one job: per-rank bytes, usage against the budgets, the verdict, the predicted step
+    time, and a change."""
 
     model: str
     config: Config
@@ -304,10 +416,16 @@ class PlanReport:
     """Tiers whose use exceeds the budget."""
     activation_parts: tuple[dict[str, int], ...] = ()
     """Per rank, its activation bytes by part: saved, weight copies, recompute inputs, recomputed block,
-    offload prefetch, workspace, batch (device) and offloaded (offload.activations' tier)."""
+    offload prefetch, workspace, batch (device), offloaded (offload.activations' tier) and freed in backward
+    (device, zero or negative)."""
     change: Change | None = None
-    """The smallest change that fits, when this does not (None when it fits or nothing found)."""
+    """What the planner recommends instead: when this does not fit, the fastest change found that fits; with
+    the parallel-size search, the fastest plan found (also when this fits); None: nothing better found."""
     notes: tuple[str, ...] = field(default=())
+    hardware: Hardware | None = None
+    """The device and links the step time is predicted for."""
+    time: StepTime | None = None
+    """Predicted time of one optimizer step and its parts (`tidal.memory.cost`)."""
 
     @property
     def fits(self) -> bool:
@@ -318,7 +436,7 @@ class PlanReport:
         return {"device": self.budgets.device, "cpu": self.budgets.cpu, "nvme": self.budgets.nvme}[tier]
 
     def runnable_config(self) -> Config:
-        """The config to run: the change's when this one does not fit and one was found, else this one."""
+        """The config to run: the change's when one was found, else this one."""
         return self.change.report.config if self.change is not None else self.config
 
 
@@ -339,10 +457,12 @@ def plan(
     seq_len: int | None = None,
     *,
     search: bool = True,
+    hardware: Hardware | None = None,
+    search_sizes: bool | None = None,
     _cache: _Cache | None = None,
 ) -> PlanReport:
-    """Predict per-rank, per-tier bytes of training `model_spec` under `config`, check them against the
-    budgets and, when they do not fit, search for the smallest change that does (module doc).
+    """Predict per-rank, per-tier bytes and the step time of training `model_spec` under `config`, check the
+    bytes against the budgets and, when they do not fit, search for the fastest change that does (module doc).
 
     Args:
         model_spec: a preset name, a config.json, ``module:function`` (see `resolve_model`) or a ModelSpec.
@@ -351,6 +471,10 @@ def plan(
         budgets: default `Budgets.probe()` on this machine.
         micro_batch: sequences per micro-batch; default ``train.micro_batch_size`` (written into the config).
         seq_len: tokens per sequence; default 2048, at most the model's positions (ignored for module:function).
+        search: look for a change (False: evaluate this config only).
+        hardware: the device and links to predict for; default `hardware_for(budgets)`.
+        search_sizes: also search tp, pp (dp the rest) and the ZeRO stage for the fastest plan that fits;
+            default: when `world_size` is given and the config sets no sizes (tp = pp = 1, dp auto).
     Raises:
         ModelSpecError, ConfigError, TopologyError: a bad MODEL, config or sizes.
     """
@@ -359,6 +483,8 @@ def plan(
     if micro_batch is not None:
         config = config.with_overrides([f"train.micro_batch_size={micro_batch}"])
     par = config.parallel
+    if search_sizes is None:
+        search_sizes = world_size is not None and par.tp == par.pp == 1 and par.dp == "auto"
     if world_size is None:
         world_size = par.pp * par.tp * par.sp * (1 if par.dp == "auto" else par.dp)
     if seq_len is None:
@@ -368,20 +494,31 @@ def plan(
         seq_len = min(2048, positions)
     budgets = budgets or Budgets.probe()
     cache = _cache or _Cache()
-    report = _evaluate(spec, config, world_size, budgets, seq_len, cache)
-    if report.fits or not search:
+    report = _evaluate(spec, config, world_size, budgets, seq_len, cache, hardware or hardware_for(budgets))
+    search_sizes = search and search_sizes and world_size > 1
+    if not search or (report.fits and not search_sizes):
         return report
-    return replace(report, change=_search(spec, report, cache))
+    from tidal.memory.search import parallel_layouts, search_change  # it plans candidates with this module
+
+    layouts = parallel_layouts(spec, report, cache) if search_sizes else [((), config)]
+    change = search_change(spec, report, cache, layouts, sized=search_sizes)
+    return replace(report, change=change if change is None or change.overrides else None)
 
 
-def _evaluate(spec: ModelSpec, config: Config, world: int, budgets: Budgets, seq_len: int, cache: _Cache) -> PlanReport:
+def _evaluate(
+    spec: ModelSpec, config: Config, world: int, budgets: Budgets, seq_len: int, cache: _Cache, hardware: Hardware
+) -> PlanReport:
     est = cache.estimate(spec, config, world, budgets.device_type)
     profile = cache.profile(spec, config.train.micro_batch_size, seq_len, config.precision.dtype)
-    choices = _block_choices(spec, config, len(profile.block_saved))
+    choices = cache.block_choices(spec, config, len(profile.block_saved))
     ranks, parts = [], []
     for r in est.ranks:
         in_flight = sum(r.activations[t] for t in TIERS) / _UNIT_ACTIVATIONS
-        parts.append(_rank_activations(profile, config, choices, r.coords[0], in_flight, r.grads.device))
+        parts.append(
+            _rank_activations(
+                profile, config, choices, r.coords[0], in_flight, r.grads.device, r, est.sizes["dp"] * est.sizes["sp"]
+            )
+        )
         ranks.append(replace(r, activations=_activation_tiers(parts[-1], config)))
     notes = [n for n in est.notes if not n.startswith("activations not given")]
     est = replace(est, ranks=tuple(ranks), notes=tuple(notes))
@@ -393,8 +530,47 @@ def _evaluate(spec: ModelSpec, config: Config, world: int, budgets: Budgets, seq
     over = tuple(t for t in checked if usage[t] > _limit(budgets, t))
     notes = (*spec.notes, *_assumptions(config))
     micro = config.train.micro_batch_size
+    time = _predict(spec, config, world, budgets, seq_len, cache, hardware, est.optimizer.slots)
     return PlanReport(
-        spec.name, config, world, micro, seq_len, budgets, est, usage, over, activation_parts=tuple(parts), notes=notes
+        spec.name,
+        config,
+        world,
+        micro,
+        seq_len,
+        budgets,
+        est,
+        usage,
+        over,
+        activation_parts=tuple(parts),
+        notes=notes,
+        hardware=hardware,
+        time=time,
+    )
+
+
+def _predict(
+    spec: ModelSpec,
+    config: Config,
+    world: int,
+    budgets: Budgets,
+    seq_len: int,
+    cache: _Cache,
+    hardware: Hardware,
+    slots: int,
+) -> StepTime:
+    """`step_time` of `config` (the work of a micro-batch not traced yet is scaled from one traced)."""
+    work = cache.work(spec, config.train.micro_batch_size, seq_len, config.precision.dtype)
+    par = config.parallel
+    return step_time(
+        work,
+        cache.shape(spec, par.tp, par.ep),
+        config,
+        world,
+        hardware,
+        ranks_per_node=budgets.ranks_per_node,
+        choices=cache.block_choices(spec, config, len(work.block_flops)),
+        device_type=budgets.device_type,
+        optimizer_slots=slots,
     )
 
 
@@ -407,75 +583,3 @@ def _assumptions(config: Config) -> list[str]:
     if config.parallel.tp > 1 and not config.parallel.tensor.sequence_parallel:
         out.append("tp without sequence_parallel: activations assumed split over tp (norm/residual ones are not)")
     return out
-
-
-def _knobs(spec: ModelSpec, config: Config, report: PlanReport) -> list[list[tuple[tuple[str, ...], int]]]:
-    """The changes tried, per knob: its levels as (overrides, cost rank); a knob already used is left out."""
-    c, b, sizes = config, report.budgets, report.estimate.sizes
-    nvme = b.nvme_path
-    knobs: list[list[tuple[tuple[str, ...], int]]] = []
-    if sizes["dp"] * sizes["sp"] > 1:
-        knobs.append([((f"zero.stage={s}",), s) for s in range(c.zero.stage + 1, 4)])
-    a = c.offload.activations
-    if a.device == "none" and not a.policy and report.estimate.ranks and spec.model is not None:
-        pattern = _blocks_pattern(spec)
-        levels = [((f'offload.activations.policy={{"{pattern}": recompute}}',), 3)]
-        if b.device is not None:
-            levels.append((("offload.activations.device=cpu",), 5))
-        if nvme:
-            levels.append((("offload.activations.device=nvme", f"offload.activations.path={nvme}/activations"), 7))
-        knobs.append(levels)
-    if c.offload.optimizer.device == "none":
-        levels = [(("offload.optimizer.device=cpu",), 4)]
-        if nvme:
-            levels.append((("offload.optimizer.device=nvme", f"offload.optimizer.path={nvme}/optimizer"), 6))
-        knobs.append(levels)
-    if c.offload.params.device == "none" and b.device is not None:
-        zero3 = ("zero.stage=3",) if c.zero.stage < 3 else ()
-        levels = [((*zero3, "offload.params.device=cpu"), 8)]
-        if nvme:
-            levels.append(((*zero3, "offload.params.device=nvme", f"offload.params.path={nvme}/params"), 9))
-        knobs.append(levels)
-    micro, steps = c.train.micro_batch_size, c.train.gradient_accumulation_steps
-    smaller = [micro // 2**k for k in range(1, micro.bit_length()) if micro % 2**k == 0]
-    if smaller and spec.example_batch is None:
-        levels = []
-        for i, m in enumerate(smaller):
-            accumulate = (
-                () if c.train.global_batch_size else (f"train.gradient_accumulation_steps={steps * micro // m}",)
-            )
-            levels.append(((f"train.micro_batch_size={m}", *accumulate), 10 + i))
-        knobs.append(levels)
-    return knobs
-
-
-def _blocks_pattern(spec: ModelSpec) -> str:
-    """A policy glob matching the repeated blocks: "model.layers.*" for "model.layers.0", ..."""
-    names = {id(m): n for n, m in spec.model.named_modules()}
-    first = names[id(repeated_blocks(spec.model)[0])]
-    return f"{first.rpartition('.')[0]}.*"
-
-
-def _search(spec: ModelSpec, report: PlanReport, cache: _Cache) -> Change | None:
-    """Fewest knobs first, then the cheapest levels: the first change that fits, checked by a fresh plan."""
-    knobs = _knobs(spec, report.config, report)
-    candidates = []
-    for count in range(1, len(knobs) + 1):
-        for chosen in itertools.combinations(knobs, count):
-            for levels in itertools.product(*chosen):
-                overrides = [o for settings, _ in levels for o in settings]
-                keys = [o.partition("=")[0] for o in dict.fromkeys(overrides)]
-                if len(keys) == len(set(keys)):  # two knobs setting one key differently: the other combination
-                    candidates.append((count, sum(cost for _, cost in levels), tuple(dict.fromkeys(overrides))))
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    for _, _, overrides in candidates:
-        config = report.config.with_overrides(overrides)
-        if _evaluate(spec, config, report.world_size, report.budgets, report.seq_len, cache).fits:
-            fresh = _Cache()
-            fresh.profiles = cache.profiles  # traces are deterministic; the estimate is made again
-            again = plan(
-                spec, config, report.world_size, report.budgets, seq_len=report.seq_len, search=False, _cache=fresh
-            )
-            if again.fits:
-                return Change(overrides, again)
-    return None

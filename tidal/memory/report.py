@@ -7,11 +7,14 @@ and the same as plain data for ``--json``.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections.abc import Iterable
 from typing import Any
 
+from tidal.memory.cost import StepTime
 from tidal.memory.estimate import CATEGORIES, TIERS, MemoryEstimate
+from tidal.memory.hardware import Hardware
 from tidal.memory.planner import PlanReport, _limit
 from tidal.memory.probe import format_bytes
 
@@ -76,18 +79,61 @@ def format_plan(report: PlanReport) -> str:
         lines.append(f"{tier:<8}{format_bytes(report.usage[tier]):>12}{limit:>12}  {units[tier]}{mark}")
     lines += [f"budget {s}" for s in b.source]
     lines += [f"note: {n}" for n in report.notes]
+    if report.time is not None:
+        lines += ["", *format_step_time(report.time, report.hardware)]
     lines.append("")
-    if report.fits:
+    change = report.change
+    if change is not None:
+        after = change.report
+        peaks = ", ".join(f"{t} {format_bytes(after.usage[t])}" for t in TIERS)
+        step = f", step {_seconds(after.time.seconds)}" if after.time is not None else ""
+    if report.fits and change is None:
         lines.append("verdict: fits")
-    elif report.change is None:
+    elif report.fits:
+        lines.append(f"verdict: fits; a faster plan that fits ({peaks}{step}):")
+    elif change is None:
         lines.append(f"verdict: does not fit ({', '.join(report.over)}); no change tried fits")
     else:
-        after = report.change.report
-        peaks = ", ".join(f"{t} {format_bytes(after.usage[t])}" for t in TIERS)
-        lines.append(f"verdict: does not fit ({', '.join(report.over)}); smallest change that fits ({peaks}):")
-        lines += [f"  --set {shlex.quote(o)}" for o in report.change.overrides]
-    lines.append("step time prediction, --chart and the parallel-size search are not implemented yet")
+        lines.append(
+            f"verdict: does not fit ({', '.join(report.over)}); smallest change that fits with the fastest "
+            f"predicted step ({peaks}{step}):"
+        )
+    if change is not None:
+        lines += [f"  --set {shlex.quote(o)}" for o in change.overrides]
     return "\n".join(lines)
+
+
+def format_step_time(time: StepTime, hardware: Hardware | None = None) -> list[str]:
+    """The predicted step split into compute and transfers: one line per transfer kind with its bytes, its
+    time on its link and the part compute did not hide."""
+    device = f" on {hardware.name}" if hardware is not None else ""
+    lines = [
+        f"step time predicted{device}: {_seconds(time.seconds)} = compute {_seconds(time.compute)} "
+        f"(recompute {_seconds(time.recompute)}) + dispatch {_seconds(time.overhead)} + pipeline bubble "
+        f"{_seconds(time.bubble)} + optimizer update {_seconds(time.update)} + exposed transfers "
+        f"{_seconds(time.exposed)}",
+        f"  per rank of pp stage {time.pp_rank} (the slowest), {time.micro_batches} micro-batch(es) per step",
+    ]
+    if time.transfers:
+        lines.append(f"  {'transfer':<34}{'bytes':>10}{'time':>11}{'exposed':>11}  overlaps")
+    for t in time.transfers:
+        lines.append(
+            f"  {t.kind:<34}{format_bytes(t.nbytes):>10}{_seconds(t.seconds):>11}{_seconds(t.exposed):>11}  "
+            f"{t.overlaps}"
+        )
+    if hardware is not None:
+        lines.append(
+            f"  device: {hardware.flops / 1e12:g} TFLOP/s 16-bit, {hardware.fp32_flops / 1e12:g} fp32, x "
+            f"{hardware.efficiency:g} efficiency; links {hardware.intra_bw / 1e9:g} GB/s in a node, "
+            f"{hardware.inter_bw / 1e9:g} across, {hardware.pcie_bw / 1e9:g} to the host ({hardware.source})"
+        )
+    return lines
+
+
+def _seconds(value: float) -> str:
+    if value >= 1 or value == 0:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.1f} ms" if value >= 1e-3 else f"{value * 1e6:.0f} us"
 
 
 def _activation_lines(report: PlanReport) -> list[str]:
@@ -127,7 +173,15 @@ def plan_summary(report: PlanReport) -> dict[str, Any]:
             }
             for r, parts in zip(report.estimate.ranks, report.activation_parts, strict=True)
         ],
-        "change": None if change is None else {"overrides": list(change.overrides), "usage": change.report.usage},
+        "change": None
+        if change is None
+        else {
+            "overrides": list(change.overrides),
+            "usage": change.report.usage,
+            "step_seconds": None if change.report.time is None else change.report.time.seconds,
+        },
+        "step_time": None if report.time is None else report.time.as_dict(),
+        "hardware": None if report.hardware is None else dataclasses.asdict(report.hardware),
         "notes": list(report.notes),
         "config": report.runnable_config().to_dict(),
     }

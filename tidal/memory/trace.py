@@ -24,7 +24,9 @@ What is recorded:
   run that keeps or gathers its parameters in that dtype would not make them);
 - live bytes of all tensor storages (parameters, buffers, batch, activations, temporaries, gradients)
   at their high-water mark in forward and in backward, seen at the dispatcher. Not counted: kernels'
-  internal scratch space and the allocator's caching and fragmentation.
+  internal scratch space and the allocator's caching and fragmentation;
+- floating-point operations of forward and of backward (torch's `FlopCounterMode`: matmuls, convolutions
+  and attention; elementwise ops count 0), and of each repeated block's forward; and the ops dispatched.
 
 Gradients start as None (``zero_grad(set_to_none=True)``); optimizer state is not traced.
 
@@ -47,6 +49,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tidal.config import PrecisionConfig
 from tidal.parallel.data import repeated_blocks
@@ -105,6 +108,24 @@ class ModelTrace:
     """Highest live bytes during backward (what is live when it starts, plus temporaries and gradients)."""
     after_backward_bytes: int
     """Live bytes after backward: parameters, buffers, batch and gradients (saved tensors are freed)."""
+    forward_flops: int = 0
+    """Floating-point operations of forward and the loss, count (`FlopCounterMode`'s: a multiply-add is 2)."""
+    backward_flops: int = 0
+    """Floating-point operations of backward, count."""
+    block_forward_flops: tuple[int, ...] = ()
+    """Forward floating-point operations of each repeated block (its subtree), `block_names` order, count."""
+    forward_ops: int = 0
+    """Ops dispatched in forward and the loss (views included), count."""
+    backward_ops: int = 0
+    """Ops dispatched in backward, count."""
+    forward_point: tuple[int, int] = (0, 0)
+    """At forward's high-water mark: (bytes other than parameters, buffers, batch and parameter casts,
+    bytes of autocast's parameter casts)."""
+    backward_points: tuple[tuple[int, int, int], ...] = ()
+    """Moments of backward that may hold its high-water mark however gradients, activations and casts are
+    scaled (those no other moment exceeds in all three): (other bytes, gradient bytes, parameter-cast bytes),
+    other as in `forward_point`. A rank that keeps ``f`` of the gradients and ``a`` of the rest peaks in
+    backward at ``max(a * other + f * grads + ...)`` over them."""
 
     @property
     def total(self) -> ModuleRecord:
@@ -162,33 +183,65 @@ def trace_model(
         inputs = _storages(tree_leaves(fake_batch))
         live = _LiveBytes(params=owned)
         live.track(*params.values(), *buffers.values(), *tree_leaves(fake_batch))
+        base = live.current
+        grad_hooks = [
+            p.register_post_accumulate_grad_hook(lambda p: live.mark_grad(p.grad))
+            for p in params.values()
+            if p.requires_grad
+        ]
         saved = _SavedTensorRecorder(live, excluded=owned | set(map(id, inputs)))
         hooks = _register_stack_hooks(model, saved.stack)
+        forward_flops, backward_flops = _flop_counter(), _flop_counter()
         try:
-            with live, saved, autocast(config, "cpu"):
+            # the counters sit under `live`: ops they decompose to count are not live-byte events
+            with forward_flops, live, saved, autocast(config, "cpu"):
                 output = _call(model, {**params, **buffers}, fake_batch)
                 loss = (loss_fn or _default_loss)(output)
             del output  # a training loop keeps only the loss
-            forward_peak, after_forward = live.peak, live.current
+            forward_peak, after_forward, forward_ops = live.peak, live.current, live.ops
+            forward_point = (live.peak_point[0] - base, live.peak_point[2])
             live.reset_peak()
-            with live:
+            live.points = []
+            with backward_flops, live:
                 loss.backward()
             del loss
             backward_peak, after_backward = live.peak, live.current
+            backward_points = _upper_points([(o - base, g, c) for o, g, c in live.points])
         finally:
-            for hook in hooks:
+            for hook in (*hooks, *grad_hooks):
                 hook.remove()
     records = _records(names, params, buffers, saved)
+    block_names = tuple(names[block] for block in repeated_blocks(model))
+    by_module = forward_flops.get_flop_counts()  # keyed "<root class>.<qualified name>"
     return ModelTrace(
         modules=tuple(records),
-        block_names=tuple(names[block] for block in repeated_blocks(model)),
+        block_names=block_names,
         precision=config.dtype,
         input_bytes=sum(storage.nbytes() for storage in inputs),
         forward_peak_bytes=forward_peak,
         after_forward_bytes=after_forward,
         backward_peak_bytes=backward_peak,
         after_backward_bytes=after_backward,
+        forward_flops=forward_flops.get_total_flops(),
+        backward_flops=backward_flops.get_total_flops(),
+        block_forward_flops=tuple(
+            sum(by_module.get(f"{type(model).__name__}.{name}", {}).values()) for name in block_names
+        ),
+        forward_ops=forward_ops,
+        backward_ops=live.ops - forward_ops,
+        forward_point=forward_point,
+        backward_points=backward_points,
     )
+
+
+def _upper_points(points: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    """The points no other point reaches or exceeds in every coordinate (the only candidates for the
+    maximum of a combination with non-negative weights), in order of their first coordinate."""
+    out: list[tuple[int, int, int]] = []
+    for p in sorted(set(points), reverse=True):
+        if not any(q[1] >= p[1] and q[2] >= p[2] for q in out):  # every q kept has q[0] >= p[0]
+            out.append(p)
+    return tuple(sorted(out))
 
 
 def trace_causal_lm(
@@ -217,6 +270,24 @@ def trace_causal_lm(
     return trace_model(model, {"input_ids": ids, "labels": ids}, precision=precision)
 
 
+def _cpu_attention_flops(query, key, value, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _flop_counter() -> FlopCounterMode:
+    """torch's counter, plus the CPU flash-attention kernels the traced step runs (torch counts the CUDA ones)."""
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    }
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention)
+
+
 class _LiveBytes(TorchDispatchMode):
     """Live and peak bytes of fake tensors' storages, by storage identity (`LiveTensorTracker`'s rule
     for real ones): a storage counts from the op that creates it until it is freed; views and in-place
@@ -228,6 +299,17 @@ class _LiveBytes(TorchDispatchMode):
         """Bytes of the counted storages alive now."""
         self.peak = 0
         """Highest `current` since made or `reset_peak`."""
+        self.ops = 0
+        """Ops dispatched through this mode, count."""
+        self.grads = 0
+        """Bytes of the counted storages that are parameters' gradients (`mark_grad`)."""
+        self.casts = 0
+        """Bytes of the counted storages that are autocast's copies of parameters."""
+        self.peak_point = (0, 0, 0)
+        """(`current` less grads and casts, grads, casts) when `peak` was reached."""
+        self.points: list[tuple[int, int, int]] | None = None
+        """When a list: the same triple after each storage counted."""
+        self._grad_ids: set[int] = set()
         self._params = params
         self._lock = threading.RLock()
         self._live: dict[int, tuple[int, weakref.ref, bool]] = {}
@@ -241,6 +323,27 @@ class _LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.current
+        self.peak_point = self._point()
+
+    def mark_grad(self, grad: torch.Tensor | None) -> None:
+        """Count `grad`'s storage as a gradient from now on (autograd accumulated it into a parameter)."""
+        if grad is None:
+            return
+        with self._lock:
+            for storage in _storages([grad]):
+                self._add(storage, cast=False)
+                key = id(storage)
+                if key not in self._grad_ids and not self._live[key][2]:
+                    self._grad_ids.add(key)
+                    self.grads += self._live[key][0]
+            self._moved()
+
+    def _point(self) -> tuple[int, int, int]:
+        return (self.current - self.grads - self.casts, self.grads, self.casts)
+
+    def _moved(self) -> None:
+        if self.points is not None:
+            self.points.append(self._point())
 
     def is_param_cast(self, storage: torch.UntypedStorage) -> bool:
         """Whether `storage` was made by copying a parameter to another dtype (autocast's weight cast)."""
@@ -255,17 +358,26 @@ class _LiveBytes(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = (nbytes, weakref.ref(storage, lambda _: self._release(key)), cast)
         self.current += nbytes
-        self.peak = max(self.peak, self.current)
+        self.casts += nbytes if cast else 0
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_point = self._point()
+        self._moved()
 
     def _release(self, key: int) -> None:
         with self._lock:
             entry = self._live.pop(key, None)
             if entry is not None:
                 self.current -= entry[0]
+                self.casts -= entry[0] if entry[2] else 0
+                if key in self._grad_ids:
+                    self._grad_ids.discard(key)
+                    self.grads -= entry[0]
 
     def __torch_dispatch__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops += 1
         inputs = {id(s) for s in _storages(tree_leaves((args, kwargs)))}
         cast = func is torch.ops.aten._to_copy.default and bool(inputs & self._params)
         with self._lock:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tidal.config import Config
-from tidal.memory.estimate import TIERS, estimate, optimizer_state
+from tidal.memory.estimate import TIERS, Buffer, estimate, optimizer_state
 from tidal.memory.report import format_estimate
 
 ADAMW_STEPS = 4 * 4  # one 4-byte step tensor per parameter tensor
@@ -55,14 +55,24 @@ def _bytes(rank, category: str, tier: str = "device") -> int:
 def test_zero0_one_rank_holds_params_grads_and_adamw_state() -> None:
     (r,) = _est(_two_linears()).ranks
     assert (r.params.device, r.grads.device, r.optimizer.device) == (204, 204, 2 * 204 + ADAMW_STEPS)
-    assert r.buffer_list == ()  # one rank: no bucket is ever launched
-    assert r.peak("device") == 204 + 204 + 424 and r.peak("cpu") == r.peak("nvme") == 0
+    # one rank: no bucket is ever launched; AdamW one tensor at a time (the CPU's default) makes two
+    # temporaries the size of the largest parameter (the 4x6 weight, 96 bytes) while it updates it
+    assert r.buffer_list == (Buffer("optimizer update temporaries", "device", 2 * 96, False, phase="step"),)
+    assert r.peak("device") == 204 + 204 + 424 + 2 * 96 and r.peak("cpu") == r.peak("nvme") == 0
+    cuda = _est(_two_linears(), device_type="cuda").ranks[0].buffer_list  # foreach: one state-sized list
+    assert cuda == (Buffer("optimizer update temporaries", "device", 204, False, phase="step"),)
+    model = _two_linears()
+    fused = estimate(model, Config.load({}), 1, optimizer=torch.optim.AdamW(model.parameters(), fused=True))
+    assert fused.ranks[0].buffer_list == (Buffer("optimizer update temporaries", "device", 0, False, phase="step"),)
 
 
 def test_zero0_two_ranks_add_the_all_reduce_buckets_kept_between_steps() -> None:
     for r in _est(_two_linears(), 2).ranks:
         assert (r.params.device, r.grads.device, r.optimizer.device) == (204, 204, 424)
-        assert [(b.name, b.nbytes, b.persistent) for b in r.buffer_list] == [("gradient all-reduce buckets", 204, True)]
+        assert [(b.name, b.nbytes, b.persistent) for b in r.buffer_list] == [
+            ("optimizer update temporaries", 2 * 96, False),
+            ("gradient all-reduce buckets", 204, True),
+        ]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -85,6 +95,7 @@ def test_zero3_pads_parameter_and_gradient_shards_as_fsdp2() -> None:
     assert {b.name for b in r0.buffer_list} == {
         "FSDP2 unsharded root + gathered blocks",
         "FSDP2 gradient reduce-scatter (one block)",
+        "optimizer update temporaries",
     }
     assert all(not b.persistent for b in r0.buffer_list)
 
