@@ -201,13 +201,14 @@ def search_change(
             evaluated = _evaluate(spec, config, world, budgets, seq, cache, hardware)
         except ValueError:  # sizes the model's pipeline or tensor plan cannot take
             continue
-        if not evaluated.fits:
-            continue
-        if _ratio_chosen(overrides):
+        if _ratio_chosen(overrides):  # the host may be short at ratio 0 and not at the ratio chosen
             ratio = _largest_ratio(spec, evaluated, cache)
             if ratio:
                 overrides = (*overrides, f"offload.optimizer.ratio={ratio}")
                 config = report.config.with_overrides(overrides)
+                evaluated = _evaluate(spec, config, world, budgets, seq, cache, hardware)
+        if not evaluated.fits:
+            continue
         fresh = _Cache()
         fresh.profiles, fresh.shapes = cache.profiles, cache.shapes  # traces are deterministic; estimates anew
         again = plan(spec, config, world, budgets, seq_len=seq, search=False, hardware=hardware, _cache=fresh)
@@ -230,20 +231,24 @@ def ratio_levels(report: PlanReport) -> int:
 
 def _largest_ratio(spec: ModelSpec, fitting: PlanReport, cache: _Cache) -> float:
     """The largest `offload.optimizer.ratio` (a multiple of 1/n, n the most chunks a rank offloads, at most
-    `RATIO_LEVELS`) at which `fitting` (at ratio 0) still fits: the least PCIe/NVMe traffic and host work.
-    Interpolated from the device use at 0 and 1, then bisected."""
+    `RATIO_LEVELS`) at which the device still holds `fitting` (planned at ratio 0): the least PCIe/NVMe
+    traffic and host work, and the least host memory (so a job short of host memory at ratio 0 may fit
+    there). 0 when the device is short at ratio 0 already. Interpolated from the device use at 0 and 1,
+    then bisected."""
     c, b, n = fitting.config, fitting.budgets, ratio_levels(fitting)
     at = {0: fitting}
+    tier = "device" if b.device is not None else "cpu"
 
     def fits(k: int) -> bool:
         if k not in at:
             config = c.with_overrides([f"offload.optimizer.ratio={round(k / n, 6)}"])
             at[k] = _evaluate(spec, config, fitting.world_size, b, fitting.seq_len, cache, fitting.hardware)
-        return at[k].fits
+        return at[k].usage[tier] <= _limit(b, tier)
 
-    if n == 0 or fits(n):
-        return float(n > 0)
-    tier = "device" if b.device is not None else "cpu"
+    if n == 0 or not fits(0):
+        return 0.0
+    if fits(n):
+        return 1.0
     start, end = at[0].usage[tier], at[n].usage[tier]
     guess = min(n - 1, max(1, int(n * (_limit(b, tier) - start) / max(1, end - start))))
     low, high = 0, n  # fits at low, not at high
