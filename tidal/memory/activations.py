@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from tidal.config import Config
-from tidal.memory.cost import StepWork
 from tidal.memory.estimate import FSDP_SCATTER_BUFFER, SCATTER_BUFFER, TIERS, RankEstimate, TierBytes
 from tidal.memory.presets import ModelSpec
+from tidal.memory.shape import StepWork
 from tidal.memory.trace import ModelTrace, trace_causal_lm, trace_model
 from tidal.parallel.data import repeated_blocks
 from tidal.parallel.pipeline import stage_bounds

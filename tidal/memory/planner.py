@@ -27,7 +27,7 @@ from typing import Any
 
 from tidal.config import Config
 from tidal.memory.activations import ActivationProfile, activation_tiers, block_choices, rank_activations, trace_profile
-from tidal.memory.cost import ModelShape, StepTime, StepWork, model_shape, step_time
+from tidal.memory.cost import StepTime, step_time
 from tidal.memory.estimate import (
     TIERS,
     MemoryEstimate,
@@ -36,6 +36,7 @@ from tidal.memory.estimate import (
 from tidal.memory.hardware import Hardware, hardware_for
 from tidal.memory.presets import ModelSpec, resolve_model
 from tidal.memory.probe import format_bytes, probe_gpus, probe_host
+from tidal.memory.shape import ModelShape, StepWork, model_shape
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _UNITS["ti"] = 2**40

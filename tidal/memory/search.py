@@ -20,9 +20,9 @@ import itertools
 import math
 
 from tidal.config import Config
-from tidal.memory.cost import ModelShape, held_params, rank_blocks
 from tidal.memory.planner import Budgets, Change, PlanReport, _Cache, _evaluate, _limit, _predict, plan
 from tidal.memory.presets import ModelSpec
+from tidal.memory.shape import ModelShape, held_params, rank_blocks
 from tidal.parallel.data import repeated_blocks
 
 RATIO_LEVELS = 64

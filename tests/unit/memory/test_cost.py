@@ -14,12 +14,13 @@ import torch
 
 from tidal.config import Config
 from tidal.memory.activations import trace_profile
-from tidal.memory.cost import StepTime, model_shape, step_time
+from tidal.memory.cost import StepTime, step_time
 from tidal.memory.hardware import GPUS, Hardware, match_gpu, parse_rate
 from tidal.memory.planner import Budgets, plan
 from tidal.memory.presets import resolve_model
 from tidal.memory.report import format_plan, plan_summary
 from tidal.memory.search import ratio_levels
+from tidal.memory.shape import model_shape
 from tidal.memory.trace import trace_model
 
 MICRO, SEQ = 2, 128
