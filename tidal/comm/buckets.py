@@ -42,9 +42,9 @@ from torch.autograd import Variable
 from tidal.parallel.shards import like, local
 
 FIRST_BUCKET_BYTES = 1 << 20
+"""Cap of the first bucket (the last layers' gradients, ready first), bytes."""
 SCATTERS_IN_FLIGHT = 2
 """Reduce-scatter buckets (each holding a full-size send buffer) travelling at once, count."""
-"""Cap of the first bucket (the last layers' gradients, ready first), bytes."""
 
 
 def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
