@@ -95,6 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefetch-layers", type=int, default=1, help="offload.activations.prefetch_layers (1)")
     parser.add_argument("--keep-last", type=int, default=0, help="last blocks with policy keep (default 0)")
     parser.add_argument("--nvme-threads", type=int, default=4, help="offload.nvme.threads (default 4)")
+    parser.add_argument("--nvme-engine", choices=("auto", "aio", "threads"), default="auto", help="offload.nvme.engine")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds, one step per mode each (default 12)")
     parser.add_argument("--memory-steps", type=int, default=2, help="tracked steps per mode (default 2)")
@@ -141,7 +142,8 @@ def mode_config(mode: str, args: argparse.Namespace, blocks: list[str], work: st
             "prefetch_layers": args.prefetch_layers,
             "policy": dict.fromkeys(kept, "keep"),
         }
-        config["offload"] = {"activations": activations, "nvme": {"threads": args.nvme_threads}}
+        nvme = {"threads": args.nvme_threads, "engine": args.nvme_engine}
+        config["offload"] = {"activations": activations, "nvme": nvme}
         if mode == "nvme":
             activations["path"] = work
     return config
@@ -297,7 +299,7 @@ class ActivationTracker:
 
 
 def time_io(
-    directory: str, nbytes: int, tensors: int, repeats: int, threads: int
+    directory: str, nbytes: int, tensors: int, repeats: int, threads: int, engine: str
 ) -> dict[str, list[tuple[float, float, float, float]]]:
     """Seconds to write, read back and delete `tensors` float32 tensors of `nbytes` bytes in all through an
     `SwapFileStore` (every transfer issued, then every handle waited on), and the CPU time the process spent
@@ -306,7 +308,7 @@ def time_io(
     numel = max(1, nbytes // tensors // 4)
     sources = [torch.full((numel,), float(i)) for i in range(tensors)]  # torch.empty-like: not page-aligned
     results: dict[str, list[tuple[float, float, float, float]]] = {"new keys": [], "overwrite": []}
-    with SwapFileStore(directory, NvmeConfig(threads=threads)) as store:
+    with SwapFileStore(directory, NvmeConfig(threads=threads, engine=engine)) as store:
         for i, source in enumerate(sources):
             store.write(f"same{i}", source).wait()
         for repeat in range(-1, repeats):  # the first cycle is not counted: new mappings start slow on some hosts
@@ -356,8 +358,9 @@ def main() -> None:
         for _ in range(args.memory_steps):
             for mode in MODES:
                 runners[mode].measure_memory(ids)
+        args.engine_used = runners["nvme"].offload.store.engine_kind
         offloaded, tensors = (int(runners["nvme"].moved_median(part)) for part in (0, 1))
-        io = time_io(work, offloaded, tensors, args.io_repeats, args.nvme_threads) if tensors else {}
+        io = time_io(work, offloaded, tensors, args.io_repeats, args.nvme_threads, args.nvme_engine) if tensors else {}
         for runner in runners.values():
             runner.close()
     report(args, runners, io)
@@ -373,7 +376,8 @@ def report(
         f"\nActivation offload: {args.model} {args.layers} x {args.width} (vocab {args.vocab}), batch "
         f"{args.batch} x seq {args.seq}, AdamW, zero.stage=0, {torch.get_num_threads()} torch threads\n"
         f"nvme and cpu: min_bytes {args.min_bytes}, prefetch_layers {args.prefetch_layers}, last {args.keep_last} "
-        f"block(s) kept, {args.nvme_threads} NVMe threads; NVMe dir {args.dir or tempfile.gettempdir()}\n"
+        f"block(s) kept, NVMe engine {args.engine_used} ({args.nvme_threads} threads); "
+        f"NVMe dir {args.dir or tempfile.gettempdir()}\n"
         f"times: medians of {args.rounds} interleaved rounds after {args.warmup} warmup steps; memory: max of "
         f"{args.memory_steps} tracked step(s) (which take {tracked:.2f} x as long); every mode's losses within "
         f"{spread:.1e} of keep's\n"

@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-kib", type=int, default=defaults.block_size // 1024, help="engine block size, KiB")
     parser.add_argument("--queue-depth", type=int, default=defaults.queue_depth, help="engine blocks per call")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="engine I/O threads")
+    parser.add_argument("--engine", choices=("auto", "aio", "threads"), default=defaults.engine, help="engine kind")
     args = parser.parse_args()
     if args.total_mib % args.chunk_mib or args.total_mib % args.threads:
         parser.error(f"--total-mib {args.total_mib} must be a multiple of --chunk-mib and of --threads")
@@ -119,7 +120,9 @@ def main() -> None:
     args = parse_args()
     if shutil.which("dd") is None:
         raise SystemExit("dd was not found on PATH; it is the baseline (install coreutils)")
-    config = NvmeConfig(block_size=args.block_kib * 1024, queue_depth=args.queue_depth, threads=args.threads)
+    config = NvmeConfig(
+        block_size=args.block_kib * 1024, queue_depth=args.queue_depth, threads=args.threads, engine=args.engine
+    )
     keys, numel = args.total_mib // args.chunk_mib, args.chunk_mib * MIB // 4
     total = args.total_mib * MIB
     kinds = {"aligned": True, "torch.empty": False}
@@ -146,12 +149,13 @@ def main() -> None:
             if round_index == 0:
                 for kind in kinds:
                     assert all(map(same_bytes, sources[kind], outs[kind])), f"{kind}: data read back differs"
+        kind = store.engine_kind
         direct = "O_DIRECT" if store.direct else "buffered I/O (O_DIRECT refused: numbers include the page cache)"
 
     print(
         f"NVMe store vs dd (O_DIRECT, bs=1M): {format_bytes(total)} per direction in {keys} keys of "
         f"{format_bytes(args.chunk_mib * MIB)}, in {os.path.abspath(args.dir)}\n"
-        f"engine: {direct}, {config.threads} threads x {config.queue_depth} blocks of "
+        f"engine: {kind}, {direct}, {config.threads} threads x {config.queue_depth} blocks of "
         f"{format_bytes(config.block_size)} per call; medians of {args.rounds} rounds; data verified\n"
     )
     print(f"{'':<28}{'write':>12}{'read':>12}")

@@ -297,7 +297,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
                 self._awaiting = None  # this unpack starts the prefetch itself
             early = packed.fetch is not None
             segment = packed.forward.segments[packed.segment]
-            if not early and self.prefetch_layers > 0 and not segment.started:
+            if self.prefetch_layers > 0 and not segment.started:  # fetched early or not, the blocks below go now
                 segment.started = True
                 self._prefetch(packed.forward, packed.segment)
             if packed.fetch is None:

@@ -56,6 +56,11 @@ class NvmeStore(Store[str]):
         """Whether files are read and written with O_DIRECT (False: buffered, see the engine's warning)."""
         return self._engine.direct
 
+    @property
+    def engine_kind(self) -> str:
+        """The I/O engine moving the bytes: "aio" (kernel AIO) or "threads" (see `IoEngine.kind`)."""
+        return self._engine.kind
+
     def _check_device(self, tensor: torch.Tensor, operation: str) -> None:
         if tensor.device.type != "cpu":
             raise ValueError(

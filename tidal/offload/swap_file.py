@@ -139,6 +139,11 @@ class SwapFileStore(Store[_Extent]):
         """Whether the file is read and written with O_DIRECT (False: buffered, see the engine's warning)."""
         return self._engine.direct
 
+    @property
+    def engine_kind(self) -> str:
+        """The I/O engine moving the bytes: "aio" (kernel AIO) or "threads" (see `IoEngine.kind`)."""
+        return self._engine.kind
+
     def file_bytes(self) -> tuple[int, int]:
         """(bytes of the file, bytes of it not held by any tensor)."""
         with self._space_lock:

@@ -41,11 +41,15 @@ class Features:
     """bf16 matmuls run on this CPU (torch reports the AMX/AVX512-BF16 path or falls back correctly)."""
     symm_mem: bool
     """CUDA with torch's symmetric-memory collective matmuls (fused_all_gather_matmul and friends)."""
+    kernel_aio: bool
+    """Linux kernel AIO works in this process (the NVMe engine's `aio`; a container may refuse io_setup)."""
 
 
 @functools.cache
 def features() -> Features:
     """Detect the optional pieces of this torch build once and remember them."""
+    from tidal.offload.aio import kernel_aio_available  # the offload package imports this module
+
     cuda = torch.cuda.is_available()
     return Features(
         torch_version=torch.__version__,
@@ -56,6 +60,7 @@ def features() -> Features:
         mpi=dist.is_available() and dist.is_mpi_available(),
         bf16_cpu=torch.backends.mkldnn.is_available(),
         symm_mem=cuda and hasattr(getattr(torch.ops, "symm_mem", None), "fused_all_gather_matmul"),
+        kernel_aio=kernel_aio_available(),
     )
 
 

@@ -233,6 +233,34 @@ def test_prefetch_fetches_the_next_layer_ahead(tmp_path) -> None:
     on_demand.close()
 
 
+@pytest.mark.parametrize("prefetch_layers", [1, 2])
+def test_each_block_fetches_the_blocks_below_before_backward_reaches_them(tmp_path, prefetch_layers: int) -> None:
+    model = stack(layers=6)
+    offload = apply_activation_offload(model, offload_config(tmp_path, prefetch_layers=prefetch_layers), NVME, CPU)
+    events: list[tuple[str, str]] = []
+    fetch, unpack = offload._fetch, offload.unpack_hook
+
+    def logged_fetch(saved):
+        events.append(("fetch", saved.key.split("-")[2]))
+        return fetch(saved)
+
+    def logged_unpack(packed):
+        if not isinstance(packed, torch.Tensor):
+            events.append(("unpack", packed.key.split("-")[2]))
+        return unpack(packed)
+
+    offload._fetch, offload.unpack_hook = logged_fetch, logged_unpack
+    step(model, inputs(), offload)
+    first_unpack = {layer: events.index(("unpack", layer)) for kind, layer in events if kind == "unpack"}
+    first_fetch = {layer: events.index(("fetch", layer)) for kind, layer in events if kind == "fetch"}
+    blocks = [f"l{index}" for index in range(6)]
+    assert set(blocks) <= first_unpack.keys() and first_unpack.keys() == first_fetch.keys()
+    for index in range(len(blocks) - prefetch_layers):  # block i is fetched when block i + prefetch_layers starts
+        above = blocks[index + prefetch_layers - 1]
+        assert first_fetch[blocks[index]] < first_unpack[above], f"{blocks[index]} was fetched too late"
+    offload.close()
+
+
 @pytest.mark.parametrize("compute", [CPU, torch.device("cuda")], ids=["direct", "staged"])
 def test_nvme_entries_are_freed_after_backward_and_files_at_close(tmp_path, compute) -> None:
     model = stack()

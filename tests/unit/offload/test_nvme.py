@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -14,9 +15,10 @@ import warnings
 import psutil
 import pytest
 import torch
+from io_engines import ENGINES
 
 from tidal.config import NvmeConfig
-from tidal.offload import NvmeStore
+from tidal.offload import NvmeStore, nvme
 from tidal.offload.nvme import (
     ALIGN,
     OWNER_FILE,
@@ -27,15 +29,16 @@ from tidal.offload.nvme import (
     create_swap_directory,
     padded_size,
 )
-from tidal.runtime.device import PAGE_BYTES, copy_async, empty_host
+from tidal.runtime.device import PAGE_BYTES, copy_async, empty_host, features
 
 SMALL = NvmeConfig(block_size=4096, queue_depth=2, threads=3)
 """8 KiB spans, so a few hundred KiB make dozens of requests in flight."""
 
 
-@pytest.fixture
-def engine(tmp_path):
-    engine = IoEngine(SMALL, str(tmp_path))
+@pytest.fixture(params=ENGINES)
+def engine(tmp_path, request):
+    engine = IoEngine(SMALL.model_copy(update={"engine": request.param}), str(tmp_path))
+    assert engine.kind == request.param
     yield engine
     engine.close()
 
@@ -94,7 +97,8 @@ def test_many_transfers_in_flight(engine, tmp_path) -> None:
         assert torch.equal(out, data)
 
 
-def test_handle_waits_for_the_transfer_and_can_be_waited_twice(engine, tmp_path, monkeypatch) -> None:
+def test_handle_waits_for_the_transfer_and_can_be_waited_twice(tmp_path, monkeypatch) -> None:
+    engine = IoEngine(SMALL, str(tmp_path))  # the pool: its system calls can be held from here
     release = threading.Event()
     real_pwritev = os.pwritev
 
@@ -109,6 +113,7 @@ def test_handle_waits_for_the_transfer_and_can_be_waited_twice(engine, tmp_path,
     handle.wait()
     assert handle.done()
     handle.wait()
+    engine.close()
 
 
 def test_o_direct_refused_falls_back_to_buffered_io(tmp_path, refuse_o_direct) -> None:
@@ -131,19 +136,14 @@ def test_store_on_a_filesystem_refusing_o_direct_works_buffered(tmp_path, refuse
         assert torch.equal(store.read("k").wait(), tensor)
 
 
-def test_failed_write_raises_at_wait_with_path_and_sizes_and_removes_the_file(engine, tmp_path, monkeypatch) -> None:
-    calls = []
-    real_pwritev = os.pwritev
-
-    def failing_pwritev(fd, buffers, offset):
-        calls.append(offset)
-        if len(calls) == 3:
-            raise OSError(errno.EIO, "Input/output error")
-        return real_pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", failing_pwritev)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "bounce"])
+def test_failed_write_raises_at_wait_with_path_and_sizes_and_removes_the_file(
+    engine, tmp_path, fail_io, aligned: bool
+) -> None:
+    fail_io(errno.EIO, after=2)
     path = str(tmp_path / "f.tmp")
-    handle = engine.write(path, random_bytes(100_000))
+    data = random_bytes(100_000)
+    handle = engine.write(path, empty_host(102_400)[:100_000].copy_(data) if aligned else data)
     with pytest.raises(OffloadError) as failure:
         handle.wait()
     message = str(failure.value)
@@ -173,9 +173,32 @@ def test_truncated_file_is_refused(engine, tmp_path) -> None:
         engine.read(path, torch.empty(3 * ALIGN, dtype=torch.uint8))
 
 
-def test_bad_arguments(tmp_path, engine) -> None:
-    with pytest.raises(OffloadError, match="engine='aio'.*use engine 'threads' or 'auto'"):
+def test_failed_read_raises_at_wait(engine, tmp_path, fail_io) -> None:
+    path = str(tmp_path / "f")
+    engine.write(path, random_bytes(3 * ALIGN)).wait()
+    fail_io(errno.EIO, writing=False)
+    with pytest.raises(OffloadError, match=f"reading '{path}' failed.*EIO.*check the disk"):
+        engine.read(path, empty_host(3 * ALIGN)).wait()
+
+
+def test_engine_choice(tmp_path, monkeypatch) -> None:
+    auto = IoEngine(NvmeConfig(), str(tmp_path))
+    assert auto.kind == ("aio" if features().kernel_aio else "threads")
+    auto.close()
+    monkeypatch.setattr(nvme, "features", lambda: dataclasses.replace(features(), kernel_aio=False))
+    with pytest.raises(OffloadError, match="engine='aio' cannot work here: .*refuses kernel AIO.*'threads' or 'auto'"):
         IoEngine(NvmeConfig(engine="aio"), str(tmp_path))
+    fallback = IoEngine(NvmeConfig(), str(tmp_path))
+    assert fallback.kind == "threads"
+    fallback.close()
+
+
+def test_aio_needs_o_direct(tmp_path, refuse_o_direct) -> None:
+    with pytest.raises(OffloadError, match="engine='aio' cannot work here: the filesystem .* refuses O_DIRECT"):
+        IoEngine(NvmeConfig(engine="aio"), str(tmp_path))
+
+
+def test_bad_arguments(tmp_path, engine) -> None:
     with pytest.raises(ValueError, match="contiguous 1-D uint8 CPU tensors, got torch.float32"):
         engine.write(str(tmp_path / "f"), torch.zeros(4))
     with pytest.raises(OffloadError, match="No such file"):

@@ -6,7 +6,6 @@ to 3e-5 in 4 steps); with the same kernel the results are bit-identical.
 """
 
 import errno
-import os
 import shutil
 
 import pytest
@@ -192,7 +191,7 @@ def test_state_round_trips_through_load_state(tmp_path) -> None:
     offload.close()
 
 
-def test_full_disk_during_a_step_raises_and_keeps_the_previous_state(tmp_path, monkeypatch) -> None:
+def test_full_disk_during_a_step_raises_and_keeps_the_previous_state(tmp_path, fail_io, monkeypatch) -> None:
     model = _model()
     opt = OPTIMIZERS["adamw"](model.parameters())
     offload = _offload(opt, "nvme", tmp_path)
@@ -202,10 +201,7 @@ def test_full_disk_during_a_step_raises_and_keeps_the_previous_state(tmp_path, m
         opt.zero_grad()
     before = {p: {k: v.clone() for k, v in entry.items()} for p, entry in offload.state_by_param()}
 
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwritev", no_space)
+    fail_io(errno.ENOSPC)
     model(_data()[2]).pow(2).mean().backward()
     with pytest.raises(OffloadError, match="ENOSPC"):
         offload.step()

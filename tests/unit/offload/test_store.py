@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from io_engines import ENGINES
 
 from tidal.config import NvmeConfig
 from tidal.offload import CpuStore, LeftoverSwapWarning, NvmeStore, OffloadError, empty_aligned
@@ -33,9 +34,10 @@ def store(request, tmp_path):
     store.close()
 
 
-@pytest.fixture
-def nvme(tmp_path):
-    store = NvmeStore(tmp_path, SMALL)
+@pytest.fixture(params=ENGINES)
+def nvme(tmp_path, request):
+    store = NvmeStore(tmp_path, SMALL.model_copy(update={"engine": request.param}))
+    assert store.engine_kind == request.param
     yield store
     store.close()
 
@@ -145,20 +147,13 @@ def test_overwrites_reuse_the_blocks_of_the_replaced_file(nvme) -> None:
     assert os.path.getsize(os.path.join(nvme.directory, "00000001.swap")) == 12288
 
 
-def fill_disk(monkeypatch) -> None:
-    def no_space(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwritev", no_space)
-
-
-def test_full_disk_on_overwrite_keeps_the_previous_content(nvme, monkeypatch) -> None:
+def test_full_disk_on_overwrite_keeps_the_previous_content(nvme, fail_io, monkeypatch) -> None:
     old = sample((50_000,), torch.float32, 1)
     nvme.write("k", torch.zeros(50_000)).wait()
     nvme.write("k", old).wait()  # the first file is now a spare, which the failing write takes
     new = sample((60_000,), torch.bfloat16, 2)
     new_copy = new.clone()
-    fill_disk(monkeypatch)
+    fail_io(errno.ENOSPC)
     handle = nvme.write("k", new)
     with pytest.raises(OffloadError) as failure:
         handle.wait()

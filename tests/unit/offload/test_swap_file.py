@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from io_engines import ENGINES
 
 from tidal.config import NvmeConfig
 from tidal.offload import OffloadError
@@ -16,9 +17,10 @@ from tidal.offload.swap_file import MIN_GROWTH, SWAP_FILE, Extents, SwapFileStor
 SMALL = NvmeConfig(block_size=4096, queue_depth=2, threads=3)
 
 
-@pytest.fixture
-def swap(tmp_path):
-    store = SwapFileStore(tmp_path, SMALL)
+@pytest.fixture(params=ENGINES)
+def swap(tmp_path, request):
+    store = SwapFileStore(tmp_path, SMALL.model_copy(update={"engine": request.param}))
+    assert store.engine_kind == request.param
     yield store
     store.close()
 
@@ -100,14 +102,10 @@ def test_the_file_grows_and_a_full_disk_fails_the_write_that_needed_space(swap, 
     assert torch.equal(swap.read("big").wait(), big) and swap.file_bytes()[0] > MIN_GROWTH
 
 
-def test_a_failed_write_frees_its_extent_and_reports_the_file(swap, monkeypatch) -> None:
+def test_a_failed_write_frees_its_extent_and_reports_the_file(swap, fail_io) -> None:
     swap.write("a", torch.ones(1024)).wait()
     size, unused = swap.file_bytes()
-
-    def broken(*args: object) -> int:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "pwritev", broken)
+    fail_io(errno.EIO)
     with pytest.raises(OffloadError, match=f"writing '{swap.path}' failed.*EIO"):
         swap.write("b", torch.ones(1024)).wait()
     assert "b" not in swap and swap.file_bytes() == (size, unused)
