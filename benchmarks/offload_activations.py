@@ -4,6 +4,7 @@ recompute, side by side in one run.
     python benchmarks/offload_activations.py --dir /path/on/nvme        # GPT-2 8 x 512, seq 512: 2-4 min
     python benchmarks/offload_activations.py --quick                    # a smoke run, seconds
     python benchmarks/offload_activations.py --min-bytes 4194304 --keep-last 1 --prefetch-layers 2
+    python benchmarks/offload_activations.py --nvme-engine threads     # the thread pool instead of kernel AIO
 
 Model: a GPT-2 (or `--model llama`) from a transformers config, random init from one seed: `--layers`
 blocks of `--width` (64 per head), vocabulary `--vocab`, causal-LM loss on one fixed batch of
