@@ -219,7 +219,7 @@ class IoEngine:
             raise _io_error(action, path, exc, needed) from exc
 
     def _start(self, transfer: _Transfer) -> IoHandle:
-        nbytes = len(transfer.view)
+        nbytes = transfer.nbytes
         transfer.zero_copy = not self.direct or transfer.data.data_ptr() % ALIGN == 0
         spans = range(0, padded_size(nbytes), self.span_bytes)
         transfer.remaining = len(spans)
@@ -234,6 +234,7 @@ class IoEngine:
                 address, at = transfer.address + offset, transfer.base + offset
                 self._ring.submit(transfer.fd, address, length, at, writing=transfer.writing, done=done)
             return transfer.handle
+        transfer.view = memoryview((ctypes.c_char * nbytes).from_address(transfer.address)).cast("B")
         for offset in spans:
             self._pool.submit(self._run_span, transfer, offset, min(self.span_bytes, padded_size(nbytes) - offset))
         return transfer.handle
@@ -297,9 +298,13 @@ class _Transfer:
         """Whether the whole pages under `data` move (`write_pages`), not just its bytes."""
         self.path = path
         self.data = data
-        self.view = _page_view(data) if pages else byte_view(data)
-        self.address = data.data_ptr() - (page_span(data)[0] if pages else 0)
-        """Where `view` starts in memory."""
+        lead, span = page_span(data) if pages else (0, data.numel())
+        self.address = data.data_ptr() - lead
+        """Where the bytes that move start in memory: `data`'s, or its first page's."""
+        self.nbytes = span
+        """Bytes that move: `data`'s, or its whole pages'."""
+        self.view = memoryview(b"")
+        """Those bytes as a memoryview, for the pool's system calls (set when the pool moves them)."""
         self.writing = writing
         self.action = "writing" if writing else "reading"
         self.needed = padded_size(data.numel()) if writing else 0  # bytes added to the disk, for error messages
@@ -355,12 +360,6 @@ def page_span(tensor: torch.Tensor) -> tuple[int, int]:
     """(bytes before `tensor` in its first page, bytes of the `ALIGN`-sized pages it lies on)."""
     lead = tensor.data_ptr() % ALIGN
     return lead, padded_size(lead + tensor.numel() * tensor.element_size())
-
-
-def _page_view(tensor: torch.Tensor) -> memoryview:
-    """A writable memoryview of the whole pages a contiguous CPU tensor lies on."""
-    lead, nbytes = page_span(tensor)
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr() - lead)).cast("B")
 
 
 def _check_bytes(tensor: torch.Tensor) -> int:
