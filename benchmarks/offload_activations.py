@@ -18,6 +18,9 @@ blocks of `--width` (64 per head), vocabulary `--vocab`, causal-LM loss on one f
 - cpu: the same with `device=cpu`. On this CPU-only machine "the device" is host memory itself, so a
   CPU store moves bytes from one place in RAM to another and frees nothing: its row shows what the
   hooks and copies cost and what a GPU would gain. The meaningful row here is nvme;
+- hooks: nvme's hooks and bookkeeping with a store that moves nothing (`_HooksOnly`: a "write" keeps
+  the tensor where it is, a "read" hands it back), so its row is what the saved-tensor hooks cost
+  before any transfer: the part of nvme's slowdown no I/O engine can remove;
 - recompute: policy "recompute" on every block (non-reentrant checkpointing, nothing offloaded).
 
 "Activation bytes in compute memory" are the storages alive that exist for the step's activations,
@@ -39,7 +42,7 @@ peak of that sum over forward + backward ("peak act"), the bytes alive when the 
 until written. The tracker costs a Python call per op, hence the separate steps (their time relative
 to the timed steps is printed).
 
-Timing: the four models stay built; every round runs one step of each, starting one mode later than
+Timing: the five models stay built; every round runs one step of each, starting one mode later than
 the round before, so drift in the machine's load hits all alike. Step times (forward + backward + AdamW
 step) are medians over `--rounds` after `--warmup` untimed steps each; "CPU time" is the process's
 CPU seconds per step (compute and I/O threads), which shows what the offload costs the cores even when
@@ -58,7 +61,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from offload_overlap import LOGGING, LR
@@ -71,14 +74,18 @@ from tidal.offload.activations import ActivationOffload
 from tidal.offload.policy import _RecomputedForward
 from tidal.offload.swap_file import SwapFileStore
 from tidal.parallel.data import repeated_blocks
+from tidal.runtime.device import Handle
+
+T = TypeVar("T")
 
 SHARE_TARGET = 0.50
 SLOWDOWN_TARGET = 1.05
-MODES = ("keep", "nvme", "cpu", "recompute")
+MODES = ("keep", "nvme", "cpu", "hooks", "recompute")
 LABELS = {
     "keep": "(a) keep all",
     "nvme": "(b) offload to NVMe",
     "cpu": "(b2) offload to CPU *",
+    "hooks": "(b3) hooks, no I/O",
     "recompute": "(c) full recompute",
 }
 
@@ -135,19 +142,54 @@ def mode_config(mode: str, args: argparse.Namespace, blocks: list[str], work: st
     config: dict[str, Any] = {"zero": {"stage": 0}, "logging": LOGGING}
     if mode == "recompute":
         config["offload"] = {"activations": {"policy": dict.fromkeys(blocks, "recompute")}}
-    elif mode in ("nvme", "cpu"):
+    elif mode in ("nvme", "cpu", "hooks"):
         kept = blocks[len(blocks) - args.keep_last :] if args.keep_last > 0 else []
         activations = {
-            "device": mode,
+            "device": "nvme" if mode == "hooks" else mode,
             "min_bytes": args.min_bytes,
             "prefetch_layers": args.prefetch_layers,
             "policy": dict.fromkeys(kept, "keep"),
         }
         nvme = {"threads": args.nvme_threads, "engine": args.nvme_engine}
         config["offload"] = {"activations": activations, "nvme": nvme}
-        if mode == "nvme":
+        if mode != "cpu":
             activations["path"] = work
     return config
+
+
+class _HooksOnly(SwapFileStore):
+    """A store that moves nothing: "written" tensors stay where they are and "reads" hand them back, so the
+    offload's hooks run as they do with a real store but no byte moves and no memory is freed."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def write(self, key: str, tensor: torch.Tensor) -> Handle[None]:
+        self._kept[key] = tensor
+        return _Ready(None)
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> Handle[torch.Tensor]:
+        return _Ready(self._kept[key])
+
+    def delete(self, key: str) -> None:
+        del self._kept[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kept
+
+
+@dataclass
+class _Ready(Generic[T]):
+    """A handle that is done from the start."""
+
+    value: T
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> T:
+        return self.value
 
 
 @dataclass
@@ -345,6 +387,10 @@ def main() -> None:
             blocks = [names[block] for block in repeated_blocks(model)]
             optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
             model, optimizer = tidal.wrap(model, optimizer, mode_config(mode, args, blocks, work))
+            if mode == "hooks":
+                offload = tidal.engine(model).activation_offload
+                offload.store.close()
+                offload.store = _HooksOnly(work)
             runners[mode] = runner = Runner(mode, model, optimizer)
             for _ in range(args.warmup):
                 runner.step(ids)
@@ -387,13 +433,18 @@ def report(
     print(f"{'':<23}" + "".join(f"{name:>10}" for name in header))
     for mode in MODES:
         runner = runners[mode]
+        memory = (
+            (format_bytes(runner.peak), format_bytes(runner.after_forward), f"{1 - runner.peak / keep.peak:.0%}")
+            if mode != "hooks"
+            else ("-", "-", "-")  # nothing leaves: its store keeps what it is given (not necessarily as autograd did)
+        )
         print(
-            f"{LABELS[mode]:<23}{format_bytes(runner.peak):>10}{format_bytes(runner.after_forward):>10}"
-            f"{1 - runner.peak / keep.peak:>10.0%}{runner.median():>9.3f}s{runner.median(0):>9.3f}s"
+            f"{LABELS[mode]:<23}" + "".join(f"{column:>10}" for column in memory) + f"{runner.median():>9.3f}s"
+            f"{runner.median(0):>9.3f}s"
             f"{runner.median(1):>9.3f}s{runner.median() / keep.median():>10.3f}{statistics.median(runner.cpu):>9.3f}s"
         )
     print("* the CPU store is the same memory as the compute here (no GPU): the bytes it takes leave nothing")
-    for mode in ("nvme", "cpu"):
+    for mode in ("nvme", "cpu", "hooks"):
         runner = runners[mode]
         print(
             f"{mode} per step: {format_bytes(int(runner.moved_median(0)))} in {runner.moved_median(1):.0f} tensors "
@@ -418,6 +469,7 @@ def report(
     print(
         f"\ntarget: nvme >= {SHARE_TARGET:.0%} of activation bytes off the device at <= {SLOWDOWN_TARGET:.2f} x "
         f"keep's step: {share:.0%} at {slowdown:.3f} x: {'met' if met else 'missed'}\n"
+        f"hooks alone (no I/O): {runners['hooks'].median() / keep.median():.3f} x; "
         f"full recompute: {1 - recompute.peak / keep.peak:.0%} at {recompute.median() / keep.median():.3f} x"
     )
 
