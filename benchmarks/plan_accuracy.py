@@ -219,6 +219,7 @@ def main() -> None:
     archs = ["gpt2", "mlp"] if ns.quick else list(ARCHS)
     measured = measure_all(archs)
     errors = []
+    missing: set[str] = set()
     mib = 2**20
     print(
         f"{'architecture':12} {'config':20} {'measured':>9} {'tidal':>9} {'error':>7} "
@@ -232,12 +233,15 @@ def main() -> None:
                 error = predicted / real - 1
                 errors.append(abs(error))
                 ds, acc = others(arch, name)
-                fmt = lambda v: "n/a" if v is None else f"{v / mib:.2f}"  # noqa: E731
+                missing |= {tool for tool, value in (("deepspeed", ds), ("accelerate", acc)) if value is None}
+                fmt = lambda v: "n/a" if v is None else f"{v / mib:.2f}M"  # noqa: E731
                 print(
                     f"{arch:12} {name:20} {real / mib:>8.2f}M {predicted / mib:>8.2f}M {error:>+7.1%} "
-                    f"{fmt(ds):>9}M {fmt(acc):>9}M"
+                    f"{fmt(ds):>10} {fmt(acc):>10}"
                 )
     print(f"\n|error| median {statistics.median(errors):.1%}, max {max(errors):.1%} (target: median <= 5%, max <= 10%)")
+    if missing:
+        print(f"n/a: {' and '.join(sorted(missing))} not installed (pip install {' '.join(sorted(missing))})")
 
 
 if __name__ == "__main__":
