@@ -387,6 +387,9 @@ class PipelineRunner:
         held = {p for stage in self.stages for p in stage.parameters()}
         self.named_parameters = [(n, p) for n, p in model.named_parameters() if p in held]
         self.loss_fn = loss_fn
+        self.loss_scale = 1.0
+        """What backward starts from is the loss times this (fp16's loss scale, set before each step); the
+        loss `train_step` returns is not scaled."""
         self.clock = _BusyClock(self.device)
         self._schedule = None
         self._shape: tuple[int, ...] | None = None
@@ -402,7 +405,7 @@ class PipelineRunner:
             for stage, i in zip(self.stages, self.stage_ids, strict=True)
         ]
         m = self.microbatches
-        loss = self.clock.timed(lambda logits, labels: self.loss_fn(logits, labels) / m)
+        loss = self.clock.timed(lambda logits, labels: self.loss_fn(logits, labels) * (self.loss_scale / m))
         schedule_type = SCHEDULES[self.schedule_name]
         # scale_grads=False: the loss is divided instead, so gradients accumulate across train_step calls
         self._schedule = schedule_type(
@@ -439,7 +442,7 @@ class PipelineRunner:
         schedule.step(*args, target=target, losses=losses, return_outputs=False)
         total, busy = self.clock.finish()
         self._sum_shared_grads(stash)
-        loss = torch.stack(losses).sum().float() if self.last else torch.zeros((), device=self.device)
+        loss = torch.stack(losses).sum().float() / self.loss_scale if self.last else torch.zeros((), device=self.device)
         stats = [torch.zeros(3, device=self.device) for _ in range(self.pp)]
         mine = torch.cat([loss.detach().reshape(1), torch.tensor([total, busy], device=self.device)])
         dist.all_gather(stats, mine, group=self.group)

@@ -187,7 +187,9 @@ class Engine:
                 "model's output; call tidal.engine(model).backward(loss) instead of loss.backward()"
             )
         self.dp.finish_gradients()
-        group = self.dp.group if self.dp.world > 1 else None
+        # every rank skips an overflowed step together, model-parallel ranks included: a stage or shard that
+        # stepped while another skipped would leave the model torn and the loss scales apart
+        group = self.dp.world_group if self.dp.model_parallel else self.dp.group if self.dp.world > 1 else None
         self._overflow = self.scaler.unscale_and_check(self.dp.optimizer_grads(), group)
         if self._overflow:
             self.dp.drop_grads()
@@ -282,6 +284,8 @@ class Engine:
             )
         self.micro_step += 1
         self.dp.prepare_backward(False)  # the schedule runs many backwards: reduce once, before the step
+        self.pipeline.loss_scale = self.scaler.scale if self.scaler.enabled else 1.0
+        self._loss_scaled = True  # the last stage's loss function scales what backward starts from
         offload = self.activation_offload
         with (
             self.metrics.span("pipeline"),
