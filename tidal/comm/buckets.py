@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from tidal.parallel.shards import like, local
+from tidal.runtime.hooks import weak_hook
 
 FIRST_BUCKET_BYTES = 1 << 20
 """Cap of the first bucket (the last layers' gradients, ready first), bytes."""
@@ -149,7 +150,8 @@ class GradientBuckets:
         self._unreduced = False
         self._callback_queued = False
         self._lock = threading.Lock()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
+        on_grad = weak_hook(self._on_grad)  # the parameters hold their hooks: a bound method would hold self
+        self._hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params if p.requires_grad]
 
     def _assign(self, params: list, modes: list, bucket_bytes: int) -> list[Bucket]:
         buckets: list[Bucket] = []

@@ -56,6 +56,7 @@ from tidal.offload.optimizer_checkpoint import CheckpointedChunks
 from tidal.offload.store import Store, empty_aligned
 from tidal.parallel.shards import local
 from tidal.runtime.device import FutureHandle, Handle, copy_async
+from tidal.runtime.hooks import weak_hook
 
 
 class StreamedParams(Protocol):
@@ -161,7 +162,7 @@ class OffloadedOptimizer(CheckpointedChunks):
             for p in chunk.params:
                 self._chunk_of[id(p)] = chunk
                 if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                    self._hooks.append(p.register_post_accumulate_grad_hook(weak_hook(self._on_grad)))
 
     def arm(self, boundary: bool, measure_norm: bool = True) -> None:
         """Called as each micro-step starts: whether its backward ends the accumulation (updates may run),

@@ -35,6 +35,7 @@ from tidal.parallel.expert_checkpoint import ExpertCheckpointLayout
 from tidal.runtime import checkpoint, rng
 from tidal.runtime.context import Context, current, init, resolve_config
 from tidal.runtime.deferred import DeferredTensors
+from tidal.runtime.hooks import weak_hook
 from tidal.runtime.metrics import CommRecord, StepMetrics
 from tidal.runtime.parallelize import parallelize
 from tidal.runtime.precision import LossScaler, autocast, global_grad_norm, scale_grads_
@@ -71,7 +72,9 @@ class Engine:
         )
         if config.logging.trace:
             atexit.register(self.metrics.write_trace)
-        parts = parallelize(model, optimizer, config, context, on_comm=self._observe_comm)
+        # held weakly: the callback reaches autograd graphs (an MoE exchange's backward keeps it), which a
+        # layer's last outputs keep (MoE's aux_loss), and a cycle through a graph is never collected
+        parts = parallelize(model, optimizer, config, context, on_comm=weak_hook(self._observe_comm))
         self.dp = parts.dp
         self.tensor = parts.tensor
         self.pipeline = parts.pipeline
@@ -161,7 +164,7 @@ class Engine:
             return
         self._losses.append(loss.detach())
         if loss.requires_grad:
-            loss.register_hook(self._on_backward_start)
+            loss.register_hook(weak_hook(self._on_backward_start))
 
     def _on_backward_start(self, grad: torch.Tensor) -> torch.Tensor:
         """The loss's gradient hook: the first thing backward runs. Times backward; scales for fp16."""
