@@ -24,9 +24,7 @@ step creates the files, the second allocates the blocks the later ones overwrite
   `READ_AHEAD` chunks ahead, each chunk written once read, through a ring of `READ_AHEAD + 2`
   buffers: "pipelined"). The I/O time is the faster of the two.
 
-Only one model should be in memory at a time (built, measured, deleted; but on a 24 GiB machine two
-rounds at the default size ran out of memory in the second: not all of a runner's memory comes back,
-so use `--rounds 1` there), in an order that starts one runner
+Only one model is in memory at a time (built, measured, deleted), in an order that starts one runner
 later every round, so drift in the machine's load hits all alike. Step times are medians over the
 steps of all rounds; each step is split into forward + backward and the optimizer step (which holds
 the offloaded update). The ratio is offload / max(memory, I/O); target <= 1.10. Also printed: the
