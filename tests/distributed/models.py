@@ -99,6 +99,21 @@ def train_step(model, opt, ids: torch.Tensor, rank: int, world: int, scheduler=N
     return total.item() / world
 
 
+def loop_step(model, opt, ids: torch.Tensor) -> torch.Tensor:
+    """One training step on `ids` as a user's loop runs it: `engine.train_step` with pipeline parallelism,
+    else forward, backward, `opt.step()` and `zero_grad()`; returns this rank's loss."""
+    import tidal
+
+    engine = tidal.engine(model)
+    if engine.pipeline is not None:
+        return engine.train_step(ids)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
 def make_optimizer(model: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW with two param groups (decay / no decay), as real training scripts build it."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

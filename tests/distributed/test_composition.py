@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 import torch.distributed as dist
-from models import MODELS, batches, full_params, make_optimizer, reference_run
+from models import MODELS, batches, full_params, loop_step, make_optimizer, reference_run
 from ranks import run_ranks
 
 import tidal
@@ -195,13 +195,7 @@ def _train(name: str, config: dict):
         if name.endswith("-resume") and step == RESUME_AT:
             model, opt, engine = _resumed(name, config, engine)
         mine = ids.chunk(dp)[dp_rank]
-        if engine.pipeline is not None:
-            loss = engine.train_step(mine)
-        else:
-            loss = model(input_ids=mine, labels=mine).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        loss = loop_step(model, opt, mine)
         total = loss.detach().reshape(1)
         dist.all_reduce(total, group=ctx.topology.group("dp"))
         losses.append(total.item() / dp)

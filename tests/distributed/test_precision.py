@@ -7,7 +7,7 @@ losses agree to 2e-2 relative (fp32 agrees to 1e-5 in test_zero.py).
 
 import pytest
 import torch
-from models import batches, full_params, make_optimizer, tiny_gpt2, train_step
+from models import batches, full_params, loop_step, make_optimizer, tiny_gpt2, train_step
 from ranks import run_ranks
 
 import tidal
@@ -87,14 +87,7 @@ def _model_parallel(rank: int, world: int, parallel: dict) -> dict:
         losses, moved = [], []
         for now["step"], ids in enumerate(batches(STEPS, GLOBAL_BATCH)):
             before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
-            if engine.pipeline is not None:
-                loss = engine.train_step(ids)
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-            losses.append(loss.item())
+            losses.append(loop_step(model, opt, ids).item())
             after = opt.param_groups[0]["params"]
             moved.append(any(not torch.equal(b, a) for b, a in zip(before, after, strict=True)))
         skipped = [r.skipped for r in engine.metrics.history]

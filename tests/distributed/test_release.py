@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from models import MODELS, batches, make_optimizer
+from models import MODELS, batches, loop_step, make_optimizer
 from ranks import run_ranks
 
 import tidal
@@ -35,12 +35,7 @@ def _released(model_name: str, config: dict) -> tuple[list[bool], list[str]]:
         model, opt = tidal.wrap(model, make_optimizer(model), {**filled, "logging": {"progress": False}})
         engine = tidal.engine(model)
         for ids in batches(2, 4):
-            if engine.pipeline is not None:
-                engine.train_step(ids)
-            else:
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad()
+            loop_step(model, opt, ids)
         refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(engine)]
         del model, opt, engine
         gc.collect()
