@@ -158,11 +158,12 @@ class OffloadedOptimizer(CheckpointedChunks):
         are freed at once (their squared sum kept for the norm: `take_released_sq_sum`). A parameter
         modified in place after its gradient was accumulated must not be read again by the same backward
         (true of every use autograd tracks)."""
+        on_grad = weak_hook(self._on_grad)  # the parameters hold their hooks: a bound method would hold self
         for chunk in self.order:
             for p in chunk.params:
                 self._chunk_of[id(p)] = chunk
                 if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(weak_hook(self._on_grad)))
+                    self._hooks.append(p.register_post_accumulate_grad_hook(on_grad))
 
     def arm(self, boundary: bool, measure_norm: bool = True) -> None:
         """Called as each micro-step starts: whether its backward ends the accumulation (updates may run),
